@@ -1,0 +1,1 @@
+"""Built-in attacks; each module registers one component."""

@@ -1,0 +1,1 @@
+"""Built-in defences; each module registers one component."""

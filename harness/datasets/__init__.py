@@ -1,0 +1,1 @@
+"""Built-in dataset loaders; each module registers one dataset."""

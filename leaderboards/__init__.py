@@ -1,0 +1,1 @@
+"""Leaderboard tables, plots and the nightly regression report (pure functions over records)."""
