@@ -1,0 +1,19 @@
+"""No defence: the base model as released (the reference row of every table)."""
+
+from __future__ import annotations
+
+from harness.components import ComponentConfig, Defence
+from harness.registry import DEFENCES
+
+
+@DEFENCES.register("none")
+class NoDefence(Defence):
+    """No defence: the undefended base model."""
+
+    needs_data = False
+
+    class Config(ComponentConfig):
+        pass
+
+    def apply(self, model, tokenizer, data, ctx):
+        return model
