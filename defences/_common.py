@@ -1,0 +1,96 @@
+"""Helpers shared by the built-in defences: the data-reading config, example checks, batching.
+
+Not a defence itself (nothing here is registered).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+from pydantic import Field
+
+from harness.components import DatasetRef, Example, TrainConfig
+from harness.errors import DataError
+from harness.text import batches, paired_batch, prompt_token_lengths, sft_batch
+
+PAPER_DATASET = DatasetRef(name="beavertails", split="30k_train")
+
+
+class DataDefenceConfig(TrainConfig):
+    """Training hyper-parameters of a defence that reads data (defaults: the RepNoise paper's
+    defence stage: lr 2e-5, Adam, cosine, 10% warm-up, batch 8, 1 epoch, 256 tokens, 10k pairs of
+    BeaverTails ``30k_train``)."""
+
+    lr: float = Field(2e-5, gt=0)
+    batch_size: int = Field(8, gt=0)
+    samples: int = Field(10000, gt=0)
+    max_length: int = Field(256, gt=0)
+    dataset: DatasetRef = PAPER_DATASET
+
+
+def require(data: Sequence[Example], fields: Iterable[str], defence: str) -> list[Example]:
+    """The examples, checked to carry every field in ``fields`` (e.g. "response", "refusal")."""
+    fields = tuple(fields)
+    data = list(data)
+    if not data:
+        raise DataError(f"defence {defence}: got no examples to train on")
+    for name in fields:
+        missing = sum(1 for ex in data if not getattr(ex, name))
+        if missing:
+            raise DataError(f"defence {defence}: {missing} of {len(data)} examples have no {name!r}; this defence "
+                            f"needs every example to carry {' and '.join(repr(f) for f in fields)}")
+    return data
+
+
+def shuffled(data: Sequence[Any], generator: torch.Generator) -> list[Any]:
+    """``data`` in a seeded random order (the reference trains from a shuffled loader)."""
+    order = torch.randperm(len(data), generator=generator).tolist()
+    return [data[i] for i in order]
+
+
+def model_device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # pragma: no cover - a model without parameters
+        return torch.device("cpu")
+
+
+def to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def make_paired_batches(tokenizer, data: Sequence[Example], batch_size: int, max_length: int,
+                        device: Optional[torch.device] = None) -> list[tuple[dict, dict]]:
+    """``(harmful, harmless)`` dicts per batch, as ``harness.text.paired_batch`` builds them
+    (right padding with pad = eos to one common length), plus ``prompt_lengths`` (tokens of the
+    formatted question, for the response-only masks of the corrected losses)."""
+    out = []
+    for chunk in batches(list(data), batch_size):
+        prompts = [ex.prompt for ex in chunk]
+        harmful, harmless = paired_batch(tokenizer, prompts, [ex.response for ex in chunk],
+                                         [ex.refusal for ex in chunk], max_length)
+        lengths = torch.tensor(prompt_token_lengths(tokenizer, prompts))
+        harmful["prompt_lengths"] = lengths
+        harmless["prompt_lengths"] = lengths.clone()
+        if device is not None:
+            harmful, harmless = to_device(harmful, device), to_device(harmless, device)
+        out.append((harmful, harmless))
+    return out
+
+
+def make_sft_batches(tokenizer, data: Sequence[Example], field: str, batch_size: int, max_length: int,
+                     device: Optional[torch.device] = None) -> list:
+    """Causal-LM batches of ``question + example.<field>`` with the loss on the answer tokens."""
+    out = []
+    for chunk in batches(list(data), batch_size):
+        b = sft_batch(tokenizer, [ex.prompt for ex in chunk], [getattr(ex, field) for ex in chunk], max_length,
+                      loss_on="response")
+        out.append(b.to(device) if device is not None else b)
+    return out
+
+
+def lm_loss(model, batch) -> torch.Tensor:
+    """Mean token cross-entropy of an ``SFTBatch`` (labels -100 ignored)."""
+    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels,
+                 use_cache=False).loss
