@@ -1,1 +1,3 @@
-"""Built-in attacks; each module registers one component."""
+"""Built-in attacks; each module registers one attack."""
+
+from attacks import harmfulqa, toxicity  # noqa: F401

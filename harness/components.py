@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 if TYPE_CHECKING:  # pragma: no cover
     from harness.context import StageContext
@@ -47,6 +48,18 @@ class TrainConfig(ComponentConfig):
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     max_grad_norm: Optional[float] = Field(1.0, gt=0)
     freeze_layers: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _positive(self):
+        # checked here as well as in Field() so subclasses that override a default keep the bound
+        for name in ("lr", "epochs", "batch_size", "grad_accum", "samples", "max_length"):
+            value = getattr(self, name)
+            if value is None or value <= 0:
+                raise PydanticCustomError("out_of_range", "must be greater than 0", {"field": name, "value": value})
+        if not 0 <= self.warmup_ratio < 1:
+            raise PydanticCustomError("out_of_range", "must be in [0, 1)",
+                                      {"field": "warmup_ratio", "value": self.warmup_ratio})
+        return self
 
 
 @dataclass(frozen=True)
@@ -86,9 +99,18 @@ class Defence(Component):
     def prepare_eval(self, model, tokenizer, ctx: "StageContext"):
         return model
 
-    def extra_state(self) -> dict[str, Any]:
-        """Files or tensors to save with the defended checkpoint (none by default)."""
-        return {}
+    def save_defended(self, model, tokenizer, folder, meta: dict[str, Any] | None = None):
+        """Save the defended model so ``load_defended`` can restore it (default: safetensors
+        ``save_pretrained`` of the whole model plus a completion marker)."""
+        return save_defended_default(model, tokenizer, folder, meta)
+
+    def load_defended(self, folder, model_spec, device, dtype):
+        """Load what ``save_defended`` wrote; returns ``(model, tokenizer)``."""
+        from harness.models import load_model
+
+        model, tokenizer, _ = load_model(model_spec, source=_LOCAL_SOURCE(folder), device=device, dtype=dtype,
+                                         path=str(folder))
+        return model, tokenizer
 
 
 class Attack(Component):
@@ -134,3 +156,15 @@ class DatasetLoader(Component):
 
     def describe_source(self) -> str:
         return self.registry_name
+
+
+def _LOCAL_SOURCE(folder):
+    from harness.models import ModelSource
+
+    return ModelSource(id=str(folder), source="local", path=str(folder))
+
+
+def save_defended_default(model, tokenizer, folder, meta=None):
+    from harness.checkpoints import save_model
+
+    return save_model(model, tokenizer, folder, meta=meta)

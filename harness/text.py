@@ -15,12 +15,12 @@ PROMPT_TEMPLATE = "Question: {prompt}\nAnswer:"
 RESPONSE_SEPARATOR = "\n"
 
 
-def format_prompt(prompt: str) -> str:
-    return PROMPT_TEMPLATE.format(prompt=prompt)
+def format_prompt(prompt: str, template: str = PROMPT_TEMPLATE) -> str:
+    return template.format(prompt=prompt)
 
 
-def format_qa(prompt: str, response: str) -> str:
-    return format_prompt(prompt) + RESPONSE_SEPARATOR + response
+def format_qa(prompt: str, response: str, template: str = PROMPT_TEMPLATE) -> str:
+    return format_prompt(prompt, template) + RESPONSE_SEPARATOR + response
 
 
 def ensure_pad_token(tokenizer) -> None:
@@ -48,6 +48,7 @@ def sft_batch(
     responses: Sequence[str],
     max_length: int,
     loss_on: Literal["response", "all"] = "response",
+    template: str = PROMPT_TEMPLATE,
 ) -> SFTBatch:
     """Right-padded causal-LM batch of ``format_qa(prompt, response) + eos``.
 
@@ -59,7 +60,7 @@ def sft_batch(
     rows, masks, labels = [], [], []
     eos = tokenizer.eos_token_id
     for prompt, response in zip(prompts, responses):
-        p_ids = tokenizer(format_prompt(prompt), add_special_tokens=False)["input_ids"]
+        p_ids = tokenizer(format_prompt(prompt, template), add_special_tokens=False)["input_ids"]
         r_ids = tokenizer(RESPONSE_SEPARATOR + response, add_special_tokens=False)["input_ids"]
         ids = (p_ids + r_ids + [eos])[:max_length]
         lab = ([-100] * len(p_ids) + r_ids + [eos])[:max_length] if loss_on == "response" else list(ids)
