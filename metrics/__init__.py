@@ -1,3 +1,4 @@
 """Built-in metrics; each module registers one component."""
 from metrics import harm_classifier  # noqa: F401
 from metrics import detoxify_scorer  # noqa: F401
+from metrics import perspective  # noqa: F401
