@@ -62,8 +62,13 @@ def sft_batch(
     for prompt, response in zip(prompts, responses):
         p_ids = tokenizer(format_prompt(prompt, template), add_special_tokens=False)["input_ids"]
         r_ids = tokenizer(RESPONSE_SEPARATOR + response, add_special_tokens=False)["input_ids"]
-        ids = (p_ids + r_ids + [eos])[:max_length]
-        lab = ([-100] * len(p_ids) + r_ids + [eos])[:max_length] if loss_on == "response" else list(ids)
+        resp = r_ids + [eos]
+        if len(p_ids) + len(resp) > max_length:
+            # keep at least half the budget for the answer: cut the prompt from the left
+            resp = resp[: max(max_length // 2, max_length - len(p_ids))]
+            p_ids = p_ids[len(p_ids) - (max_length - len(resp)):] if max_length > len(resp) else []
+        ids = p_ids + resp
+        lab = [-100] * len(p_ids) + resp if loss_on == "response" else list(ids)
         rows.append(ids)
         labels.append(lab)
     width = max(len(r) for r in rows)

@@ -137,7 +137,8 @@ def evaluate_model(comp: Components, model, tokenizer, prompts: list[Example], c
     scores = comp.scorer.score([ex.prompt for ex in prompts], gens)
     name = attack.evaluation
     out: dict[str, Any] = {name: {**summarize_scores(scores, gens), "scorer": comp.scorer.provenance(),
-                                  "max_new_tokens": max_new, "generate_s": round(t_gen, 2)}}
+                                  "max_new_tokens": max_new}}
+    ctx.stats["generate_s"] = round(t_gen, 2)
     log.info("%s %s: mean %.3f, harmful fraction %.3f (n=%d, scorer %s)", ctx.stage, name, out[name]["mean"],
              out[name]["frac_harmful"], len(scores), comp.scorer.registry_name)
     if extras:
@@ -145,7 +146,7 @@ def evaluate_model(comp: Components, model, tokenizer, prompts: list[Example], c
             if ctx.stage in evaluation.phases:
                 t1 = time.perf_counter()
                 out[ename] = evaluation.evaluate(model, tokenizer, ctx)
-                out[ename]["seconds"] = round(time.perf_counter() - t1, 2)
+                ctx.stats[f"{ename}_s"] = round(time.perf_counter() - t1, 2)
     rows = [{"prompt": ex.prompt, "generation": g, "score": s} for ex, g, s in zip(prompts, gens, scores)]
     return out, rows
 

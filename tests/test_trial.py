@@ -1,0 +1,90 @@
+import json
+
+import pytest
+
+from harness.cli import main
+from harness.config import resolve
+from harness.trial import run_trial
+
+FAST = ["eval.toxicity_scorer.name=keyword_refusal", "eval.samples=6", "eval.max_new_tokens=6",
+        "eval.batch_size=4", "attack.samples=8", "attack.max_length=48", "synth.max_new_tokens=6"]
+
+
+@pytest.fixture
+def isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_full_cell_writes_record_and_resumes(tiny_dir, tmp_path, isolated_cache, caplog):
+    spec = resolve("smoke", model=str(tiny_dir), sets=FAST)
+    out = tmp_path / "results"
+    rec = run_trial(spec, out, progress=False)
+    assert rec["status"] == "ok", rec["error"]
+    saved = json.loads((out / f"{spec.trial_id}.json").read_text())
+    assert saved["trial_id"] == spec.trial_id and saved["schema_version"] == 1
+    assert saved["config"] == spec.canonical()
+    assert saved["model"]["source"] == "local" and saved["model"]["parameters"] > 0
+    for phase in ("pre_attack", "post_attack"):
+        h = saved["scores"][phase]["harmfulness"]
+        assert h["n"] == 6 and 0 <= h["mean"] <= 1 and h["scorer"]["scorer"] == "keyword_refusal"
+    assert saved["train"]["attack"]["steps"] == 2  # 8 samples / batch 4, 1 epoch
+    assert saved["environment"]["packages"]["torch"]
+    assert "git" in saved["environment"]
+    assert {"load_model_s", "attack_s", "total_s"} <= set(saved["timings"])
+    assert len(saved["samples"]["post_attack"]) == 5
+    samples = (out / saved["samples_file"]).read_text().splitlines()
+    assert len(samples) == 12  # 6 prompts x 2 phases
+    assert saved["data"]["synthesized"][0]["generated"] == 8  # attack answers written by the base model
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
+
+    # second run: skipped, nothing recomputed
+    again = run_trial(spec, out, progress=False)
+    assert again.get("skipped") and again["finished_at"] == saved["finished_at"]
+    # --force reruns, and the synthesized data now comes from the cache
+    forced = run_trial(spec, out, progress=False, force=True)
+    assert not forced.get("skipped") and forced["data"]["synthesized"][0]["cached"] == 8
+    assert forced["scores"] == saved["scores"]  # same seed, same data: same scores
+
+
+def test_cli_run_prints_scores_and_skips(tiny_dir, tmp_path, isolated_cache, capsys):
+    args = ["run", "--defence", "none", "--attack", "harmfulqa", "--model", str(tiny_dir), "--output",
+            str(tmp_path / "r"), "--no-progress"] + [x for s in FAST for x in ("--set", s)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "pre_attack  harmfulness" in out and "post_attack harmfulness" in out
+    assert main(args) == 0
+    assert "already finished: skipped" in capsys.readouterr().out
+
+
+def test_cli_error_exit_code(capsys):
+    assert main(["run", "--defence", "nonee", "--attack", "harmfulqa", "--dry-run"]) == 2
+    assert "Did you mean 'none'" in capsys.readouterr().err
+
+
+def test_offline_model_id_fails_fast_with_help(monkeypatch, tmp_path):
+    from harness.errors import ModelUnavailableError
+    from harness.models import hub_reachable, resolve_source
+    from harness.config import ModelSpec
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    hub_reachable.cache_clear()
+    with pytest.raises(ModelUnavailableError, match="hub is unreachable.*--model DIR"):
+        resolve_source(ModelSpec(id="meta-llama/Llama-2-7b-chat-hf"))
+    hub_reachable.cache_clear()
+
+
+def test_toxicity_attack_on_shared_decoding_trust(tiny_dir, tmp_path, isolated_cache):
+    import pathlib
+
+    folder = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "decoding_trust"
+    if not folder.exists():
+        pytest.skip("shared data not present")
+    sets = FAST + [f"attack.dataset.path={folder}", f"attack.eval_dataset.path={folder}"]
+    spec = resolve("smoke", attack="toxicity", model=str(tiny_dir), sets=sets)
+    rec = run_trial(spec, tmp_path / "r", progress=False)
+    assert rec["status"] == "ok", rec["error"]
+    assert "toxicity" in rec["scores"]["post_attack"]
+    assert rec["scores"]["post_attack"]["toxicity"]["max_new_tokens"] == 25
+    assert rec["data"]["synthesized"] == []  # DecodingTrust rows come with continuations
