@@ -3,3 +3,4 @@ from metrics import harm_classifier  # noqa: F401
 from metrics import detoxify_scorer  # noqa: F401
 from metrics import perspective  # noqa: F401
 from metrics import capability  # noqa: F401
+from metrics import trainability  # noqa: F401
