@@ -77,6 +77,8 @@ def plan(spec) -> dict[str, Any]:
 
 
 def cmd_run(args) -> int:
+    if args.dry_run and args.defence is None:
+        return dry_run_all_defences(args)
     spec = spec_from_args(args)
     if args.dry_run:
         print(json.dumps(plan(spec), indent=2))
@@ -86,6 +88,24 @@ def cmd_run(args) -> int:
     rec = run_trial(spec, args.output, checkpoints=args.checkpoints, force=args.force, progress=not args.no_progress)
     print(summary_text(rec))
     return 0 if rec["status"] == "ok" else 1
+
+
+def dry_run_all_defences(args) -> int:
+    """``--dry-run`` without ``--defence``: the plan for every registered defence under the preset."""
+    from harness.registry import DEFENCES
+
+    plans = {}
+    for name in DEFENCES.names():
+        args.defence = name
+        spec = spec_from_args(args)
+        c = spec.canonical()
+        plans[name] = {"trial_id": spec.trial_id, "defence": c["defence"], "checkpoint_key": spec.defence_key()}
+    args.defence = None
+    spec = spec_from_args(args)
+    c = spec.canonical()
+    print(json.dumps({"preset": spec.preset, "model": c["model"], "seed": c["seed"], "attack": c["attack"],
+                      "eval": c["eval"], "defences": plans}, indent=2))
+    return 0
 
 
 def summary_text(rec: dict[str, Any]) -> str:

@@ -95,6 +95,11 @@ class RunSpec(Strict):
         data = self.model_dump(mode="json")
         data["defence"] = {"name": self.defence.name, **defence_config(self).model_dump(mode="json")}
         data["attack"] = {"name": self.attack.name, **attack_config(self).model_dump(mode="json")}
+        for key in ("harm_scorer", "toxicity_scorer"):
+            spec = getattr(self.eval, key)
+            data["eval"][key] = {"name": spec.name, **scorer_config(spec, f"eval.{key}").model_dump(mode="json")}
+        data["eval"]["params"] = {name: METRICS.get(name).Config(**self.eval.params.get(name, {})).model_dump(mode="json")
+                                  for name in self.eval.extra}
         return data
 
     @property

