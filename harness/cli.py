@@ -20,7 +20,7 @@ from harness.errors import HarnessError
 log = logging.getLogger("harness")
 
 # Modules that add sub-commands through ``register(subparsers)``.
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["leaderboards.cli"]
 
 
 def setup_logging(verbose: bool = False) -> None:
