@@ -109,7 +109,7 @@ class DetoxifyScorer(TextScorer):
         return loaded, url
 
     def _base_model_source(self, model_type: str) -> tuple[str, Optional[str], Optional[str]]:
-        """Where to read the base config/tokenizer: ``(model_type, huggingface_config_path, note)``."""
+        """Where to read the base config/tokenizer: ``(model_type or folder, local folder, note)``."""
         hcp = self.config.huggingface_config_path
         if hcp:
             folder = Path(hcp).expanduser()
@@ -151,9 +151,13 @@ class DetoxifyScorer(TextScorer):
             raise ConfigError(f"toxicity_scorer.label = {self.config.label!r} is not a class of this Detoxify "
                               f"checkpoint; its classes are {', '.join(classes)}")
         base = args["model_type"]
-        args["model_type"], hcp, note = self._base_model_source(base)
+        args["model_type"], _, note = self._base_model_source(base)
+        # Detoxify's own ``huggingface_config_path`` route builds the model from that folder's
+        # config as is, so a base model's config.json (2 labels by default) does not match the
+        # checkpoint's classifier (6 or 16 classes). Passing the folder as ``model_type`` instead
+        # makes it read the config with ``num_labels=num_classes``; a local folder needs no network.
         model, tokenizer = get_model_and_tokenizer(**args, state_dict=loaded["state_dict"],
-                                                   huggingface_config_path=hcp)
+                                                   huggingface_config_path=None)
         self._device = resolve_device(self.config.device)
         model.to(self._device).eval()
         self._model, self._tokenizer, self._classes = model, tokenizer, classes

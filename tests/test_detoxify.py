@@ -16,7 +16,7 @@ def _checkpoint(folder, model_type, bias):
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
-    cfg = BertConfig.from_pretrained(folder / "base")
+    cfg = BertConfig.from_pretrained(folder / "base", num_labels=len(JIGSAW))
     model = BertForSequenceClassification(cfg)
     with torch.no_grad():
         model.classifier.weight.zero_()  # the output is the bias alone: predictable per class
@@ -40,9 +40,9 @@ def detox(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("tiny-detoxify")
     tok = train_tokenizer(folder / "base")
+    # a base model's config as published: 2 labels by default, not the checkpoint's 6
     BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-               max_position_embeddings=128, pad_token_id=tok.pad_token_id,
-               num_labels=len(JIGSAW)).save_pretrained(folder / "base")
+               max_position_embeddings=128, pad_token_id=tok.pad_token_id).save_pretrained(folder / "base")
     bias = [3.0, -3.0, -3.0, -3.0, 1.0, -3.0]  # toxicity ~ sigmoid(3), insult ~ sigmoid(1)
     local = _checkpoint(folder, str(folder / "base"), bias)  # model_type is a local folder (DESIGN.md)
     hub = _checkpoint(folder, "bert-base-uncased", bias)  # model_type is a hub id, as released
