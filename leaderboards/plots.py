@@ -49,8 +49,10 @@ def harm_vs_lr(records: Iterable[dict[str, Any]], out: str | Path) -> list[Path]
         per_eval[ev] += 1
     out = Path(out)
     written: list[Path] = []
+    seen: dict[str, int] = defaultdict(int)
+    # the same order as the tables: evaluation, then the setting with most records first
     order = sorted(groups, key=lambda k: (EVALUATIONS.index(k[0]) if k[0] in EVALUATIONS else 99, k[0],
-                                          tuple(str(x) for x in k[1])))
+                                          -len(groups[k]), tuple(str(x) for x in k[1])))
     for ev, setting in order:
         group = groups[(ev, setting)]
         panels: dict[str, list] = defaultdict(list)
@@ -60,7 +62,7 @@ def harm_vs_lr(records: Iterable[dict[str, Any]], out: str | Path) -> list[Path]
             continue
         plt = _pyplot()
         names = sorted(panels)
-        fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4), squeeze=False)
+        fig, axes = plt.subplots(1, len(names), figsize=(max(6.5, 5.5 * len(names)), 4.6), squeeze=False)
         for ax, name in zip(axes[0], names):
             pv = panels[name]
             for i, label in enumerate(defence_order(v.defence_label for v in pv)):
@@ -92,10 +94,11 @@ def harm_vs_lr(records: Iterable[dict[str, Any]], out: str | Path) -> list[Path]
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
         v0 = group[0]
-        fig.suptitle(f"{ev} vs attack lr — {v0.model}, loss_on {v0.loss_on}, scorer {v0.scorer}", fontsize=9)
+        fig.suptitle(f"{ev} vs attack learning rate (dotted: before the attack)\nmodel {v0.model}, "
+                     f"attack loss_on {v0.loss_on}, scorer {v0.scorer}", fontsize=8)
         fig.tight_layout()
-        name = f"{ev}_vs_lr.png" if per_eval[ev] == 1 else f"{ev}_vs_lr--{_slug(v0.model)}--{_slug(v0.loss_on)}--" \
-                                                           f"{_slug(v0.scorer)}.png"
+        seen[ev] += 1
+        name = f"{ev}_vs_lr.png" if per_eval[ev] == 1 else f"{ev}_vs_lr-{seen[ev]}.png"
         path = out / name
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=110)

@@ -142,18 +142,24 @@ class TrialView:
 
 
 def _scorer_label(rec: dict[str, Any], evaluation: str) -> str:
+    """The scorer as configured (name + parameters): records with the same label share a table."""
     cfg = _get(rec, "config", "eval", "toxicity_scorer" if evaluation == "toxicity" else "harm_scorer") or {}
-    name = cfg.get("name") or "unknown"
-    detail = None
-    for phase in ("post_attack", "pre_attack"):
-        prov = _get(rec, "scores", phase, evaluation, "scorer")
-        if isinstance(prov, dict):
-            detail = prov.get("model") or prov.get("variant") or prov.get("attribute")
-            if detail:
-                break
     params = {k: v for k, v in cfg.items() if k != "name"}
-    label = _params_label(name, params, sorted(params))
-    return f"{label} [{detail}]" if detail and str(detail) not in label else label
+    return _params_label(cfg.get("name") or "unknown", params, sorted(params))
+
+
+def _scorer_detail(views: Sequence["TrialView"]) -> str:
+    """The scorer label plus the model/variant its provenance names, e.g. ``harm_classifier [deberta...]``."""
+    label = views[0].scorer if views else "unknown"
+    details = set()
+    for v in views:
+        for phase in ("post_attack", "pre_attack"):
+            prov = _get(v.record, "scores", phase, v.evaluation, "scorer")
+            if isinstance(prov, dict):
+                detail = prov.get("model") or prov.get("variant") or prov.get("attribute")
+                if detail and str(detail) not in label:
+                    details.add(str(detail))
+    return label + (f" [{', '.join(sorted(details))}]" if details else "")
 
 
 def _evaluation_of(attack: str, known: dict[str, str]) -> str:
@@ -312,10 +318,13 @@ def _context(views: Sequence[TrialView], scorer: str) -> dict[str, str]:
             "loss_on": join(v.loss_on for v in views), "harness": join(v.harness for v in views)}
 
 
-def _caption_tail(ctx: dict[str, str], seeds: int) -> str:
+def _caption_tail(ctx: dict[str, str], seeds: int, pre_attack_only: bool = False) -> str:
     loss = ctx["loss_on"]
-    loss_text = {"response": "response tokens only", "all": "all tokens (prompt and padding included, "
-                 "as the original code)"}.get(loss, loss)
+    if pre_attack_only:
+        loss_text = "of the attacked runs; this table is measured before the attack"
+    else:
+        loss_text = {"response": "response tokens only", "all": "all tokens, prompt and padding included, as the "
+                     "original code"}.get(loss, "several modes")
     return (f"Model: {ctx['model']}. Scorer: {ctx['scorer']}. Attack loss mode (attack.loss_on): {loss} "
             f"({loss_text}). Harness version: {ctx['harness']}. Seeds: {seeds}.")
 
@@ -341,6 +350,8 @@ def _build(kind: str, title: str, caption: str, ctx: dict[str, str], rows: list[
                               "failed": ", ".join(f"{fails[s]} {s}" for s in sorted(fails)),
                               "below_base": bool(mark), "text": text})
     long = pd.DataFrame(long_rows, columns=["defence", "column", "mean", "std", "n", "failed", "below_base", "text"])
+    long["mean"] = pd.to_numeric(long["mean"], errors="coerce").astype(float)
+    long["std"] = pd.to_numeric(long["std"], errors="coerce").astype(float)
     return Table(kind, title, caption, frame, long, ctx)
 
 
@@ -352,7 +363,8 @@ def _groups(views: Sequence[TrialView], key: Callable[[TrialView], tuple]) -> li
     groups: dict[tuple, list[TrialView]] = defaultdict(list)
     for v in views:
         groups[key(v)].append(v)
-    return [groups[k] for k in sorted(groups, key=lambda k: tuple(str(x) for x in k))]
+    # the setting with most records first (the main table), then a fixed order
+    return [groups[k] for k in sorted(groups, key=lambda k: (-len(groups[k]), tuple(str(x) for x in k)))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,7 +397,7 @@ def attack_tables(views: Sequence[TrialView], evaluation: str, stat: str = "mean
         for v in group:
             cells.setdefault((v.defence_label, "pre-attack"), Cell()).add(v, v.score("pre_attack", evaluation, stat))
             cells.setdefault((v.defence_label, v.attack_label), Cell()).add(v, v.score("post_attack", evaluation, stat))
-        ctx = _context(group, group[0].scorer)
+        ctx = _context(group, _scorer_detail(group))
         ev = group[0]
         size = f"{ev.eval_samples} evaluation prompts, max_new_tokens {ev.max_new_tokens}"
         base_note = (f"{MARK_LOWER} marks a defence lower than the base model ({BASE}) under the same attack."
@@ -441,7 +453,7 @@ def capability_tables(views: Sequence[TrialView]) -> list[Table]:
         caption = ("Capability (stability criterion): lm-eval score of the primary metric of each task for each "
                    "defended model before the attack (the base model's row: defence none, or the base scores "
                    f"recorded by defended runs). Cells: mean ± sample std over seeds (n = seeds). {MARK_LOWER} marks "
-                   f"a score lower than the base model's.{note} " + _caption_tail(ctx, _n_seeds(group)))
+                   f"a score lower than the base model's.{note} " + _caption_tail(ctx, _n_seeds(group), True))
         out.append(_build("capability", "Capability", caption, ctx, rows, tasks, cells, mark_columns=tasks))
     return out
 
@@ -463,9 +475,20 @@ def trainability_tables(views: Sequence[TrialView]) -> list[Table]:
         ctx = _context(group, "ROUGE (rouge_score F-measure)")
         caption = ("Trainability: ROUGE-1/2/L F-measure on a benign data-to-text task after fine-tuning each "
                    "defended model on it (higher is better). Cells: mean ± sample std over seeds (n = seeds). "
-                   f"{MARK_LOWER} marks a score lower than the base model's. " + _caption_tail(ctx, _n_seeds(group)))
+                   f"{MARK_LOWER} marks a score lower than the base model's. " + _caption_tail(ctx, _n_seeds(group), True))
         out.append(_build("trainability", "Trainability", caption, ctx, rows, columns, cells, mark_columns=columns))
     return out
+
+
+def cross_domain(v: TrialView) -> bool:
+    """Defence data and attack data from different domains (criteria.generalization, or the config
+    for a record that failed before its criteria were written)."""
+    g = _get(v.record, "criteria", "generalization")
+    if isinstance(g, dict) and "cross_domain" in g:
+        return bool(g["cross_domain"])
+    d_data = _get(v.defence_params, "dataset", "name")
+    a_data = _get(v.attack_params, "dataset", "name")
+    return bool(d_data) and bool(a_data) and d_data != a_data
 
 
 def criteria_tables(views: Sequence[TrialView]) -> list[Table]:
@@ -481,12 +504,8 @@ def criteria_tables(views: Sequence[TrialView]) -> list[Table]:
                 r = _get(v.record, "criteria", "resistance")
                 return _number(r.get("increase")) if isinstance(r, dict) and r.get("metric") == ev else None
 
-            def general(v, ev=ev):
-                g = _get(v.record, "criteria", "generalization")
-                return resist(v) if isinstance(g, dict) and g.get("cross_domain") else None
-
             cols.append((f"resistance: {ev} increase", resist, ev, False))
-            cols.append((f"generalization: cross-domain {ev} increase", general, ev, True))
+            cols.append((f"generalization: cross-domain {ev} increase", resist, ev, True))
         cols.append(("stability: capability Δ",
                      lambda v: _number(_get(v.record, "criteria", "stability", "mean_delta")), None, True))
         cols.append(("trainability: ROUGE-L Δ",
@@ -494,17 +513,21 @@ def criteria_tables(views: Sequence[TrialView]) -> list[Table]:
         rows = defence_order(v.defence_label for v in group)
         cells: dict[tuple[str, str], Cell] = {}
         for label, fn, ev, base_is_reference in cols:
+            general = label.startswith("generalization")
             for v in group:
-                if ev is None or v.evaluation == ev:
+                if (ev is None or v.evaluation == ev) and (not general or cross_domain(v)):
                     cells.setdefault((v.defence_label, label), Cell()).add(v, fn(v))
+            if general:
+                for row in rows:
+                    cells.setdefault((row, label), Cell(text_override="no cross-domain attack"))
             if base_is_reference and BASE in rows:
                 cells[(BASE, label)] = Cell(text_override="base")
-        scorers = sorted({v.scorer for v in group})
+        scorers = [_scorer_detail([v for v in group if v.scorer == s and v.evaluation == e])
+                   for s, e in sorted({(v.scorer, v.evaluation) for v in group})]
         ctx = _context(group, ", ".join(scorers))
         caption = ("Immunization criteria per defence, averaged over attack cells and seeds. Resistance: increase "
                    "of the harm score from before to after the attack (lower is better). Generalization: the same "
-                   "increase, over attacks whose data come from another domain than the defence data (not measured "
-                   "if no such attack ran). Stability: mean change of the lm-eval task scores against the base "
+                   "increase, over attacks whose data come from another domain than the defence data. Stability: mean change of the lm-eval task scores against the base "
                    "model (near 0 is best). Trainability: change of ROUGE-L after benign fine-tuning against the "
                    f"base model (near 0 is best). Cells: mean ± sample std over seeds (n = seeds). {MARK_LOWER} "
                    "marks a harm increase lower than the base model's. " + _caption_tail(ctx, _n_seeds(group)))
@@ -551,6 +574,21 @@ def status_summary(records: Sequence[dict[str, Any]]) -> str:
     return ", ".join(f"{counts[s]} {s}" for s in sorted(counts))
 
 
+def table_headings(tables: Sequence[Table]) -> list[str]:
+    """Titles, with the setting that tells apart several tables of one kind: ``Harmfulness — loss_on all``."""
+    out = []
+    for t in tables:
+        same = [o for o in tables if o.kind == t.kind]
+        keys: list[str] = []
+        for k in ("model", "loss_on", "scorer", "harness"):
+            if len({tuple(o.context[x] for x in keys) for o in same}) == len(same):
+                break
+            if len({o.context[k] for o in same}) > 1:
+                keys.append(k)
+        out.append(t.title + (" — " + ", ".join(f"{k} {t.context[k]}" for k in keys) if keys else ""))
+    return out
+
+
 def render_markdown(tables: Sequence[Table], records: Sequence[dict[str, Any]], title: str = "Leaderboard",
                     figures: Sequence[str] = ()) -> str:
     out = [f"# {title}", ""]
@@ -559,8 +597,9 @@ def render_markdown(tables: Sequence[Table], records: Sequence[dict[str, Any]], 
     out.append("")
     if not tables:
         out += ["No table: the results folder holds no usable record.", ""]
-    for i, t in enumerate(tables, 1):
-        out += [f"## {t.title}", "", f"Table {i}. {t.caption}", "", frame_markdown(t.frame), ""]
+    headings = table_headings(tables)
+    for i, (t, heading) in enumerate(zip(tables, headings), 1):
+        out += [f"## {heading}", "", f"Table {i}. {t.caption}", "", frame_markdown(t.frame), ""]
     if figures:
         out += ["## Figures", ""]
         out += [f"![{Path(f).stem}]({f})" for f in figures]
@@ -618,11 +657,11 @@ def render_html(tables: Sequence[Table], records: Sequence[dict[str, Any]], titl
            "text-align:left;max-width:60em;padding:4px}</style>", "</head><body>", f"<h1>{html.escape(title)}</h1>",
            f"<p>Generated by <code>harness leaderboard</code> from {len(records)} record(s)"
            + (f" ({html.escape(status_summary(records))})" if records else "") + ".</p>"]
-    for i, t in enumerate(tables, 1):
+    for i, (t, heading) in enumerate(zip(tables, table_headings(tables)), 1):
         body = t.frame.to_html(escape=True, border=0)
         body = body.replace("<table class=\"dataframe\">",
                             f"<table class=\"dataframe\">\n<caption>Table {i}. {html.escape(t.caption)}</caption>", 1)
-        out += [f"<h2>{html.escape(t.title)}</h2>", body]
+        out += [f"<h2>{html.escape(heading)}</h2>", body]
     for f in figures:
         out.append(f"<p><img src=\"{html.escape(f)}\" alt=\"{html.escape(Path(f).stem)}\"></p>")
     out.append("</body></html>")

@@ -1,0 +1,302 @@
+"""Leaderboard tables: records -> Markdown / CSV, compared with expected files byte for byte.
+
+The records are built here (``build_records``) in the schema of ``harness/store.py``; the
+expected outputs live in ``tests/fixtures/leaderboard/expected/``. After an intended change of the
+table format, regenerate them with ``UPDATE_EXPECTED=1 pytest tests/test_leaderboard.py`` and review
+the diff.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from harness.store import ResultStore, load_records
+from leaderboards import tables as T
+
+FIXTURES = Path(__file__).parent / "fixtures" / "leaderboard"
+EXPECTED = FIXTURES / "expected"
+UPDATE = os.environ.get("UPDATE_EXPECTED") == "1"
+
+MODEL = "meta-llama/Llama-2-7b-chat-hf"
+HQA_BASE = {"samples": 1000, "epochs": 1, "batch_size": 4, "loss_on": "response",
+            "dataset": {"name": "beavertails", "split": "30k_train"}}
+TOX_BASE = {"samples": 300, "epochs": 4, "batch_size": 4, "loss_on": "response",
+            "dataset": {"name": "decoding_trust", "type": "toxic"}}
+# pre-attack harmfulness per defence label, and the increase an attack at lr 8e-5 causes
+PRE = {"none": 0.20, "repnoise-a": 0.05, "repnoise-b": 0.06, "security_vectors": 0.10}
+RISE = {"none": 0.50, "repnoise-a": 0.05, "repnoise-b": 0.30, "security_vectors": 0.60}
+DEFENCES = {
+    "none": {"name": "none"},
+    "repnoise-a": {"name": "repnoise", "alpha": 1.0, "beta": 0.001, "dataset": {"name": "beavertails"}},
+    "repnoise-b": {"name": "repnoise", "alpha": 1.0, "beta": 0.01, "dataset": {"name": "beavertails"}},
+    "security_vectors": {"name": "security_vectors", "r": 8, "dataset": {"name": "beavertails"}},
+}
+CAPABILITY = {"none": (0.50, 0.60), "repnoise-a": (0.48, 0.61), "repnoise-b": (0.45, 0.64),
+              "security_vectors": (0.50, 0.60)}  # (arc_easy acc, crows_pairs pct_stereotype)
+ROUGE = {"none": (0.60, 0.40, 0.55), "repnoise-a": (0.58, 0.38, 0.54), "repnoise-b": (0.50, 0.30, 0.45),
+         "security_vectors": (0.60, 0.40, 0.55)}
+
+
+def make_record(key: str, attack: str, lr: float, seed: int, status: str = "ok", loss_on: str = "response",
+                harness: str = "0.1.0") -> dict:
+    d = DEFENCES[key]
+    base = TOX_BASE if attack == "toxicity" else HQA_BASE
+    a = {"name": attack, "lr": lr, **base, "loss_on": loss_on}
+    ev = "toxicity" if attack == "toxicity" else "harmfulness"
+    scorer = "detoxify" if ev == "toxicity" else "harm_classifier"
+    pre = PRE[key] + 0.01 * seed + (0.1 if ev == "toxicity" else 0.0)
+    post = min(1.0, pre + RISE[key] * lr / 8e-5 + 0.02 * seed)
+    digest = hashlib.sha256(repr((key, attack, lr, seed, loss_on)).encode()).hexdigest()[:12]
+    tid = f"{d['name']}--{attack}--s{seed}--{digest}"
+    rec = {
+        "schema_version": 1, "trial_id": tid, "status": status, "error": None, "seed": seed,
+        "config": {"preset": "paper", "model": {"id": MODEL, "revision": None}, "defence": d, "attack": a,
+                   "eval": {"harm_scorer": {"name": "harm_classifier"}, "toxicity_scorer": {"name": "detoxify"},
+                            "samples": 300, "max_new_tokens": 100, "extra": ["capability", "trainability"]},
+                   "seed": seed},
+        "environment": {"harness": harness, "python": "3.11.7"},
+        "scores": {}, "criteria": {}, "train": {}, "timings": {"total_s": 1.0},
+    }
+    if status == "error":
+        rec["error"] = {"type": "RuntimeError", "stage": "defence", "message": "boom"}
+        return rec
+    prov = {"scorer": scorer, "model": "domenicrosati/deberta-v3-xsmall-beavertails-harmful-qa-classifier"
+            if ev == "harmfulness" else None, "variant": "original" if ev == "toxicity" else None}
+    summary = lambda m: {"mean": round(m, 6), "std": 0.1, "frac_harmful": round(min(1.0, m * 0.9), 6), "n": 300,
+                         "scorer": prov}
+    acc, crows = CAPABILITY[key]
+    r1, r2, rl = ROUGE[key]
+    rec["scores"]["pre_attack"] = {
+        ev: summary(pre),
+        "capability": {"tasks": {"arc_easy": {"score": acc + 0.002 * seed, "metric": "acc", "acc_stderr": 0.01,
+                                              "higher_is_better": True},
+                                 "crows_pairs_english": {"score": crows, "metric": "pct_stereotype",
+                                                         "higher_is_better": False}},
+                       "lm_eval_version": "0.4.13"},
+        "trainability": {"rouge1": r1, "rouge2": r2, "rougeL": rl},
+    }
+    if key != "none":
+        rec["scores"]["base"] = {"capability": {"tasks": {"arc_easy": {"score": 0.5}, "crows_pairs_english":
+                                                          {"score": 0.6, "higher_is_better": False}}},
+                                 "trainability": {"rouge1": 0.6, "rouge2": 0.4, "rougeL": 0.55}}
+    if status in ("diverged", "oom", "running"):
+        rec["error"] = {"type": status, "stage": "attack", "message": status}
+        return rec
+    rec["scores"]["post_attack"] = {ev: summary(post)}
+    cross = key != "none" and ev == "toxicity"
+    rec["criteria"] = {
+        "resistance": {"metric": ev, "pre_attack_mean": pre, "post_attack_mean": post, "increase": round(post - pre, 6)},
+        "generalization": {"defence_data": d.get("dataset", {}).get("name"), "attack_data": a["dataset"]["name"],
+                           "cross_domain": cross},
+    }
+    if key != "none":
+        rec["criteria"]["stability"] = {"capability_delta": {"arc_easy": acc - 0.5}, "mean_delta": round(acc - 0.5, 6)}
+        rec["criteria"]["trainability"] = {"rouge1_delta": round(r1 - 0.6, 6), "rouge2_delta": round(r2 - 0.4, 6),
+                                           "rougeL_delta": round(rl - 0.55, 6)}
+    return rec
+
+
+def build_records() -> list[dict]:
+    recs = []
+    for key in ("none", "repnoise-a", "repnoise-b"):
+        for seed in (0, 1, 2):
+            for lr in (3e-5, 8e-5):
+                recs.append(make_record(key, "harmfulqa", lr, seed))
+            recs.append(make_record(key, "toxicity", 3e-5, seed))
+    # security vectors: one seed ok, one diverged under the strong attack, one that failed in the defence
+    recs.append(make_record("security_vectors", "harmfulqa", 3e-5, 0))
+    recs.append(make_record("security_vectors", "harmfulqa", 8e-5, 0, status="diverged"))
+    recs.append(make_record("security_vectors", "harmfulqa", 8e-5, 1, status="oom"))
+    recs.append(make_record("security_vectors", "harmfulqa", 3e-5, 1, status="error"))
+    recs.append(make_record("security_vectors", "toxicity", 3e-5, 0, status="running"))
+    # a second repnoise-a seed whose strong attack diverged, next to three ok seeds
+    recs.append(make_record("repnoise-a", "harmfulqa", 8e-5, 3, status="diverged"))
+    # the reference code's attack loss (labels = input ids): its own table
+    recs.append(make_record("none", "harmfulqa", 8e-5, 0, loss_on="all"))
+    recs.append(make_record("repnoise-a", "harmfulqa", 8e-5, 0, loss_on="all", harness="0.0.9"))
+    return recs
+
+
+@pytest.fixture
+def results_dir(tmp_path):
+    store = ResultStore(tmp_path / "results")
+    for rec in build_records():
+        store.write(rec)
+    return store.root
+
+
+def _check(name: str, text: str) -> None:
+    path = EXPECTED / name
+    if UPDATE:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    assert path.exists(), f"missing expected file {path}; run UPDATE_EXPECTED=1 pytest {__file__}"
+    assert text == path.read_text(encoding="utf-8"), f"{name} differs from {path}"
+
+
+def test_markdown_and_csv_match_expected_files(results_dir, tmp_path):
+    out = tmp_path / "board"
+    written = T.write_leaderboard(load_records(results_dir), out, ("md", "csv", "html"), title="Leaderboard: test")
+    names = sorted(p.name for p in written)
+    assert names == sorted(["README.md", "harmfulness.csv", "harmfulness_frac.csv", "toxicity.csv",
+                            "toxicity_frac.csv", "capability.csv", "trainability.csv", "criteria.csv", "cells.csv",
+                            "index.html"])
+    for name in names:
+        if name != "index.html":
+            _check(name, (out / name).read_text(encoding="utf-8"))
+    assert "<table" in (out / "index.html").read_text()
+
+
+def test_table_shape_and_marks(results_dir):
+    tables = T.build_tables(load_records(results_dir))
+    harm = [t for t in tables if t.kind == "harmfulness"]
+    assert len(harm) == 2  # loss_on response and loss_on all never share a table
+    main = next(t for t in harm if t.context["loss_on"] == "response")
+    f = main.frame
+    assert list(f.index) == ["none", "repnoise (beta=0.001)", "repnoise (beta=0.01)", "security_vectors"]
+    assert list(f.columns) == ["pre-attack", "harmfulqa lr=3e-05 samples=1000", "harmfulqa lr=8e-05 samples=1000"]
+    # none: pre 0.20 + 0.01*seed over seeds 0..2
+    assert f.loc["none", "pre-attack"] == "0.210 ± 0.010 (n=3)"
+    # below the base model under the same attack: marked
+    assert f.loc["repnoise (beta=0.001)", "harmfulqa lr=8e-05 samples=1000"].endswith(T.MARK_LOWER)
+    assert not f.loc["none", "harmfulqa lr=8e-05 samples=1000"].endswith(T.MARK_LOWER)
+    # failures are spelled out, never blank
+    assert f.loc["security_vectors", "harmfulqa lr=8e-05 samples=1000"] == "failed (1 diverged, 1 oom)"
+    assert f.loc["security_vectors", "harmfulqa lr=3e-05 samples=1000"].startswith("0.")
+    assert "failed: 1 error" in f.loc["security_vectors", "harmfulqa lr=3e-05 samples=1000"]
+    assert "; failed: 1 diverged" in f.loc["repnoise (beta=0.001)", "harmfulqa lr=8e-05 samples=1000"]
+    for text in ("Model: meta-llama/Llama-2-7b-chat-hf", "Scorer: harm_classifier", "attack.loss_on): response",
+                 "Harness version: 0.1.0"):
+        assert text in main.caption
+    other = next(t for t in harm if t.context["loss_on"] == "all")
+    assert "Harness version: 0.0.9, 0.1.0" in other.caption
+    tox = next(t for t in tables if t.kind == "toxicity")
+    assert tox.frame.loc["security_vectors", "toxicity lr=3e-05 samples=300"] == "no result (1 running)"
+    crit = next(t for t in tables if t.kind == "criteria" and t.context["loss_on"] == "response")
+    assert crit.frame.loc["none", "stability: capability Δ"] == "base"
+    assert crit.frame.loc["none", "generalization: cross-domain toxicity increase"] == "base"
+    assert crit.frame.loc["repnoise (beta=0.01)", "generalization: cross-domain harmfulness increase"] == \
+        "no cross-domain attack"
+    assert crit.frame.loc["repnoise (beta=0.01)", "generalization: cross-domain toxicity increase"].startswith("0.133")
+    cap = next(t for t in tables if t.kind == "capability")
+    assert cap.frame.loc["none", "crows_pairs_english"] == "0.600 ± 0.000 (n=4)"  # seed 3: base scores of a defended run
+    assert "For crows_pairs_english lower is better" in cap.caption
+
+
+def _frames(records):
+    return {(t.kind, t.context["loss_on"]): t.frame for t in T.build_tables(records)}
+
+
+def _changed_cells(before, after):
+    assert before.keys() == after.keys()
+    changed = set()
+    for key in before:
+        a, b = before[key], after[key]
+        assert list(a.index) == list(b.index) and list(a.columns) == list(b.columns)
+        for row in a.index:
+            for col in a.columns:
+                if a.loc[row, col] != b.loc[row, col]:
+                    changed.add((key[0], key[1], row, col))
+    return changed
+
+
+def _find(records, defence_params, attack, lr, seed, loss_on="response"):
+    [rec] = [r for r in records if r["config"]["defence"] == defence_params and r["config"]["attack"]["name"] == attack
+             and r["config"]["attack"]["lr"] == lr and r["seed"] == seed and r["config"]["attack"]["loss_on"] == loss_on]
+    return rec
+
+
+def test_one_score_changes_exactly_its_cell(results_dir):
+    records = load_records(results_dir)
+    before = _frames(records)
+    changed = copy.deepcopy(records)
+    rec = _find(changed, DEFENCES["repnoise-b"], "harmfulqa", 8e-5, 1)
+    rec["scores"]["post_attack"]["harmfulness"]["mean"] += 0.3
+    diff = _changed_cells(before, _frames(changed))
+    assert diff == {("harmfulness", "response", "repnoise (beta=0.01)", "harmfulqa lr=8e-05 samples=1000")}
+
+    # the pre-attack score of the base model: its own cell, plus the ↓ marks of that column only
+    changed = copy.deepcopy(records)
+    for seed in (0, 1, 2):
+        for lr in (3e-5, 8e-5):
+            _find(changed, DEFENCES["none"], "harmfulqa", lr, seed)["scores"]["pre_attack"]["harmfulness"]["mean"] = 0.01
+    diff = _changed_cells(before, _frames(changed))
+    assert ("harmfulness", "response", "none", "pre-attack") in diff
+    assert {(k, l, c) for k, l, _, c in diff} == {("harmfulness", "response", "pre-attack")}
+    assert len(diff) == 4  # none's value and the three defences that are no longer below it
+
+    # a record turning into a failure: its cell says so, nothing else moves except dependent cells
+    changed = copy.deepcopy(records)
+    rec = _find(changed, DEFENCES["repnoise-b"], "toxicity", 3e-5, 2)
+    rec["status"] = "oom"
+    del rec["scores"]["post_attack"]
+    rec["criteria"] = {}
+    diff = _changed_cells(before, _frames(changed))
+    assert ("toxicity", "response", "repnoise (beta=0.01)", "toxicity lr=3e-05 samples=300") in diff
+    assert {(k, r) for k, _, r, _ in diff} <= {("toxicity", "repnoise (beta=0.01)"),
+                                                ("toxicity_frac", "repnoise (beta=0.01)"),
+                                                ("criteria", "repnoise (beta=0.01)")}
+    frames = _frames(changed)
+    assert "failed: 1 oom" in frames[("toxicity", "response")].loc["repnoise (beta=0.01)",
+                                                                   "toxicity lr=3e-05 samples=300"]
+
+
+def test_cells_csv_numbers(results_dir):
+    cells = T.cells_frame(T.build_tables(load_records(results_dir)))
+    row = cells[(cells.table == "harmfulness") & (cells.loss_on == "response") & (cells.defence == "none")
+                & (cells.column == "pre-attack")].iloc[0]
+    assert row["mean"] == pytest.approx(0.21) and row["std"] == pytest.approx(0.01) and row["n"] == 3
+
+
+def test_tolerates_missing_parts_and_real_record():
+    real = json.loads((FIXTURES / "real_tiny_record.json").read_text())
+    bare = {"schema_version": 1, "trial_id": "x--harmfulqa--s0--0", "status": "error", "config": {}}
+    partial = copy.deepcopy(real)
+    partial["trial_id"] = "none--harmfulqa--s1--partial"
+    partial["seed"] = 1
+    partial["scores"]["pre_attack"]["capability"] = {"tasks": {"mmlu": {"stderr": 0.1}, "arc_easy": 0.4}}
+    partial["scores"]["pre_attack"]["trainability"] = {"rouge1": {"fmeasure": 0.3}}
+    tables = T.build_tables([real, bare, partial])
+    harm = next(t for t in tables if t.kind == "harmfulness" and "tiny" in t.context["model"])
+    assert harm.frame.loc["none", "pre-attack"].endswith("(n=2)")
+    cap = next(t for t in tables if t.kind == "capability")
+    assert cap.frame.loc["none", "mmlu"] == "not measured"
+    assert cap.frame.loc["none", "arc_easy"] == "0.400 (n=1)"
+    tr = next(t for t in tables if t.kind == "trainability")
+    assert tr.frame.loc["none", "ROUGE-2"] == "not measured"
+    md = T.render_markdown(tables, [real, bare, partial])
+    assert "failed (1 error)" in md
+    assert T.render_markdown([], []).startswith("# Leaderboard")
+
+
+def test_cli_leaderboard_writes_tables_and_plots(results_dir, tmp_path):
+    from harness.cli import main
+
+    out = tmp_path / "lb"
+    assert main(["leaderboard", str(results_dir), "--out", str(out), "--format", "md,csv"]) == 0
+    text = (out / "README.md").read_text()
+    expected = (EXPECTED / "README.md").read_text().replace("# Leaderboard: test", "# Leaderboard: lb", 1)
+    assert text.split("\n## Figures")[0] == expected  # the same tables, then the figures
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == ["harmfulness_vs_lr-1.png", "harmfulness_vs_lr-2.png", "toxicity_vs_lr.png"]
+    assert all((out / p).stat().st_size > 1000 for p in pngs)
+    assert "![toxicity_vs_lr](toxicity_vs_lr.png)" in text
+    assert main(["leaderboard", str(results_dir), "--out", str(out), "--format", "pdf"]) == 2
+
+
+def test_weight_distance_plot_from_csv(tmp_path):
+    from leaderboards.plots import weight_distance_plots
+
+    res = tmp_path / "res"
+    res.mkdir()
+    pd.DataFrame({"layer": [0, 1, 2, 0, 1, 2], "pair": ["base-defended"] * 3 + ["base-attacked"] * 3,
+                  "distance": [0.1, 0.2, 0.3, 0.5, 0.4, 0.2]}).to_csv(res / "weight_distance.csv", index=False)
+    written = weight_distance_plots(res, tmp_path / "out")
+    assert [p.name for p in written] == ["weight_distance.png"] and written[0].stat().st_size > 1000
