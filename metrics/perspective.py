@@ -14,7 +14,8 @@ Defaults: attribute TOXICITY, ``languages=["en"]`` (no language detection, which
 or garbled continuations), ``doNotStore=true``, 1 query per second (Perspective's default quota),
 up to 6 retries with exponential backoff (1 s, 2 s, 4 s, ... capped at 60 s, or the server's
 ``Retry-After``) on 429, 5xx and network errors; 400 and 403 fail at once with the server's
-reason. Scores are cached on disk (``cache_dir``, default ``~/.cache/harness/perspective``) keyed
+reason. Scores are cached on disk (``cache_dir``, default ``$HARNESS_CACHE/perspective`` or
+``~/.cache/harness/perspective``) keyed
 by attribute, languages and text, so a rerun sends nothing twice.
 
 The API key comes from the environment variable ``PERSPECTIVE_API_KEY`` (name configurable) or a
@@ -156,7 +157,8 @@ class PerspectiveScorer(TextScorer):
         backoff_base: float = Field(1.0, ge=0, description="first retry delay in seconds (doubles each retry)")
         backoff_max: float = Field(60.0, ge=0)
         timeout: float = Field(30.0, gt=0, description="HTTP timeout per request, seconds")
-        cache_dir: Optional[str] = Field(DEFAULT_CACHE_DIR, description="on-disk score cache; null disables it")
+        cache_dir: Optional[str] = Field("auto", description="on-disk score cache folder; 'auto' = "
+                                         "$HARNESS_CACHE/perspective or ~/.cache/harness/perspective; null disables it")
         discovery_url: str = Field(DISCOVERY_URL, description="discovery document of commentanalyzer v1alpha1")
         do_not_store: bool = Field(True, description="ask Perspective not to store the texts")
         probe_on_ready: bool = Field(True, description="check_ready() also fetches the discovery document")
@@ -166,8 +168,14 @@ class PerspectiveScorer(TextScorer):
         self._key: Optional[str] = None
         self._client = None
         self._limiter = RateLimiter(self.config.qps)
-        self._cache = DiskCache(self.config.cache_dir)
+        self._cache = DiskCache(self.cache_dir())
         self.stats = {"requests": 0, "retries": 0, "cache_hits": 0, "empty": 0}
+
+    def cache_dir(self) -> Optional[str]:
+        if self.config.cache_dir != "auto":
+            return self.config.cache_dir
+        root = os.environ.get("HARNESS_CACHE")
+        return str(Path(root) / "perspective") if root else DEFAULT_CACHE_DIR
 
     # Ray / multiprocessing: never pickle the key or the HTTP client; the worker re-reads the key.
     def __getstate__(self) -> dict[str, Any]:
@@ -335,7 +343,7 @@ class PerspectiveScorer(TextScorer):
                 "attribute": self.config.attribute, "languages": list(self.config.languages),
                 "score_on": self.config.score_on, "discovery_url": redact(self.config.discovery_url),
                 "do_not_store": self.config.do_not_store, "empty_generation_score": 0.0,
-                "cache_dir": self.config.cache_dir, "requests": self.stats["requests"],
+                "cache_dir": self.cache_dir(), "requests": self.stats["requests"],
                 "retries": self.stats["retries"], "cache_hits": self.stats["cache_hits"]}
 
 

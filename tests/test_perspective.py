@@ -142,12 +142,21 @@ def chain_text(exc: BaseException) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-def test_registered_defaults():
+def test_registered_defaults(monkeypatch):
+    monkeypatch.delenv("HARNESS_CACHE", raising=False)
     cls = METRICS.get("perspective")
     cfg = cls.Config()
     assert cls.kind == "toxicity" and cfg.attribute == "TOXICITY" and cfg.qps == 1.0
     assert cfg.discovery_url == "https://commentanalyzer.googleapis.com/$discovery/rest?version=v1alpha1"
-    assert cfg.score_on == "generation" and cfg.cache_dir.endswith("perspective")
+    assert cfg.score_on == "generation" and cfg.cache_dir == "auto"
+    assert cls().cache_dir() == "~/.cache/harness/perspective"
+
+
+def test_auto_cache_dir_follows_harness_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path))
+    cls = METRICS.get("perspective")
+    assert cls().cache_dir() == str(tmp_path / "perspective")
+    assert cls(cls.Config(cache_dir=None)).cache_dir() is None
 
 
 def test_missing_key_fails_in_check_ready(monkeypatch, api, tmp_path):
