@@ -93,7 +93,7 @@ def rouge(predictions: list[str], references: list[list[str]]) -> dict[str, floa
 def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
                     device: torch.device, autocast_ctx=nullcontext) -> list[str]:
     """Left-padded greedy decoding; returns the decoded new tokens of each prompt."""
-    tok = copy.copy(tokenizer)
+    tok = copy.deepcopy(tokenizer)  # a shallow copy shares the special-token map with the caller's
     tok.padding_side = "left"
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token

@@ -182,3 +182,13 @@ def test_fine_tuning_raises_rouge(tiny, toy_dir):
     assert out["before"]["rouge1"] < 0.2
     assert out["rouge1"] > 0.6 and out["rougeL"] > 0.6
     assert out["train"]["final_loss"] < out["train"]["first_loss"]
+
+
+def test_tokenizer_of_the_caller_is_not_modified(tiny):
+    from metrics.trainability import greedy_generate
+
+    model, tok = tiny
+    tok.pad_token = None
+    side = tok.padding_side
+    greedy_generate(model, tok, ["a", "bb cc"], max_new_tokens=2, batch_size=2, device=torch.device("cpu"))
+    assert tok.pad_token is None and tok.padding_side == side
