@@ -148,8 +148,10 @@ def format_validation_error(exc: ValidationError, prefix: str = "", model: type 
         if err["type"] == "extra_forbidden":
             allowed = ""
             if model is not None and hasattr(model, "model_fields"):
-                allowed = f"; allowed keys: {', '.join(sorted(model.model_fields))}"
+                allowed = f"; allowed keys: {', '.join(sorted(model.model_fields)) or '(none)'}"
             lines.append(f"field {name!r}: unknown key{allowed}")
+        elif err["type"] == "missing":
+            lines.append(f"field {name!r}: required but missing")
         else:
             value = ctx["value"] if "value" in ctx else err.get("input")
             shown = repr(value) if not isinstance(value, dict) else "{...}"
@@ -299,7 +301,62 @@ def validate(data: dict[str, Any]) -> RunSpec:
             cls.Config(**spec.eval.params.get(name, {}))
         except ValidationError as exc:
             raise ConfigError(format_validation_error(exc, prefix=f"eval.params.{name}", model=cls.Config)) from None
+    validate_datasets(spec)
+    check_no_secrets(spec.canonical())
     return spec
+
+
+def _dataset_refs(obj: Any, prefix: str):
+    """``(field, DatasetRef)`` for every dataset reference inside a component config."""
+    from harness.components import DatasetRef
+
+    if isinstance(obj, DatasetRef):
+        yield prefix, obj
+    elif isinstance(obj, BaseModel):
+        for key in type(obj).model_fields:
+            yield from _dataset_refs(getattr(obj, key), f"{prefix}.{key}")
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from _dataset_refs(value, f"{prefix}.{key}")
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            yield from _dataset_refs(value, f"{prefix}.{i}")
+
+
+def validate_datasets(spec: RunSpec) -> None:
+    """Every dataset a component names must be registered and its parameters valid (no data is read)."""
+    from harness.errors import UnknownComponentError
+    from harness.registry import DATASETS
+
+    configs = [("defence", defence_config(spec)), ("attack", attack_config(spec))]
+    configs += [(f"eval.params.{n}", METRICS.get(n).Config(**spec.eval.params.get(n, {}))) for n in spec.eval.extra]
+    for prefix, cfg in configs:
+        for field, ref in _dataset_refs(cfg, prefix):
+            try:
+                cls = DATASETS.get(ref.name)
+            except UnknownComponentError as exc:
+                exc.args = (f"field '{field}.name': {exc.args[0]}",)
+                raise
+            try:
+                cls.Config(**ref.params())
+            except ValidationError as e:
+                raise ConfigError(format_validation_error(e, prefix=field, model=cls.Config)) from None
+
+
+def check_no_secrets(data: Any, field: str = "") -> None:
+    """API keys come from the environment or a key file only: a config value that carries one
+    (a ``key=`` URL parameter, or a registered secret) is rejected before it reaches a record."""
+    from harness.secrets import URL_KEY, is_secret
+
+    if isinstance(data, dict):
+        for key, value in data.items():
+            check_no_secrets(value, f"{field}.{key}" if field else str(key))
+    elif isinstance(data, (list, tuple)):
+        for i, value in enumerate(data):
+            check_no_secrets(value, f"{field}.{i}")
+    elif isinstance(data, str) and (URL_KEY.search(data) or is_secret(data)):
+        raise ConfigError(f"field {field!r} holds an API key (value not shown); keys are read only from an "
+                          "environment variable or a key file (e.g. eval.toxicity_scorer.key_file=PATH)")
 
 
 def spec_from_record(config: dict[str, Any]) -> RunSpec:

@@ -37,6 +37,22 @@ def redact(text: str) -> str:
     return URL_KEY.sub(lambda m: m.group(1) + REDACTED, text)
 
 
+def is_secret(text: str) -> bool:
+    """Whether ``text`` contains a registered secret."""
+    return bool(text) and any(secret in text for secret in _KNOWN)
+
+
+def redact_obj(obj):
+    """``redact`` applied to every string inside nested dicts/lists (e.g. a result record)."""
+    if isinstance(obj, str):
+        return redact(obj)
+    if isinstance(obj, dict):
+        return {redact(k) if isinstance(k, str) else k: redact_obj(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(redact_obj(v) for v in obj)
+    return obj
+
+
 class RedactingFilter(logging.Filter):
     """Attach to handlers so no log line carries a registered secret or a ``key=`` URL parameter."""
 
