@@ -24,6 +24,7 @@ from harness.errors import DataError
 from harness.registry import DATASETS
 
 ROLE_ORDER = ("defence", "attack", "eval")
+ROLE_FIELD = {"defence": "defence.samples", "attack": "attack.samples", "eval": "eval.samples"}
 
 
 @dataclass(frozen=True)
@@ -73,9 +74,10 @@ def draw(requests: list[Request], seed: int, disjoint: bool = True) -> dict[str,
         rows = load_dataset_ref(reqs[0].ref)
         need = sum(r.n for r in reqs)
         if need > len(rows):
-            parts = ", ".join(f"{r.role} {r.n}" for r in reqs)
+            parts = ", ".join(f"{ROLE_FIELD.get(r.role, r.role)}={r.n}" for r in reqs)
             raise DataError(f"dataset {reqs[0].ref.name!r} holds {len(rows)} examples but {need} were requested "
-                            f"({parts}); lower the sample counts (e.g. --set attack.samples=...)")
+                            f"({parts}); lower the sample counts so they sum to at most {len(rows)} "
+                            f"(e.g. --set {ROLE_FIELD.get(reqs[0].role, 'attack.samples')}=...)")
         perm = list(range(len(rows)))
         random.Random(f"{seed}|{key}").shuffle(perm)
         by_role = {r.role: r for r in reqs}
