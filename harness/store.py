@@ -95,8 +95,12 @@ class ResultStore:
         return bool(rec) and rec.get("status") in FINISHED and rec.get("schema_version") == SCHEMA_VERSION
 
     def write(self, record: dict[str, Any]) -> Path:
+        """Write atomically; every string passes ``harness.secrets.redact`` on the way (API keys
+        never reach a record, whatever an error message carried)."""
+        from harness.secrets import redact_obj
+
         path = self.path(record["trial_id"])
-        atomic_write_json(path, record)
+        atomic_write_json(path, redact_obj(record))
         return path
 
     def records(self) -> Iterator[dict[str, Any]]:

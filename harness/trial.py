@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -35,6 +36,7 @@ from harness.errors import DivergedError
 from harness.generation import generate
 from harness.models import ModelSource, cache_root, load_model, pick_device, pick_dtype, resolve_source
 from harness.provenance import environment
+from harness.secrets import redact
 from harness.registry import ATTACKS, DEFENCES, METRICS
 from harness.store import SCHEMA_VERSION, ResultStore, atomic_write_json
 from harness.text import format_prompt
@@ -90,11 +92,19 @@ class Components:
 # ---------------------------------------------------------------------------------------------
 # data
 # ---------------------------------------------------------------------------------------------
-def prepare_data(comp: Components, model, tokenizer, source: ModelSource, progress: bool = True):
-    """Draw the role splits and complete missing answers/refusals with the base model."""
+def draw_data(comp: Components) -> dict[str, list[Example]]:
+    """Pre-flight: read the datasets and draw the role splits without any model, so that a
+    malformed file, too few examples or overlapping roles fail before a model is loaded."""
+    return datamod.draw(comp.requests(), comp.spec.seed, comp.spec.disjoint)
+
+
+def prepare_data(comp: Components, model, tokenizer, source: ModelSource, progress: bool = True,
+                 parts: Optional[dict[str, list[Example]]] = None):
+    """Draw the role splits (unless ``parts`` holds them already, from ``draw_data``) and
+    complete missing answers/refusals with the base model."""
     spec = comp.spec
     reqs = comp.requests()
-    parts = datamod.draw(reqs, spec.seed, spec.disjoint)
+    parts = dict(parts) if parts is not None else datamod.draw(reqs, spec.seed, spec.disjoint)
     model_key = f"{source.source}:{source.path}"
     cache_dir = cache_root() / "generated" / _hash(model_key)
     synth_info = []
@@ -211,14 +221,17 @@ def run_trial(spec: RunSpec, output: str | Path = "results", *, checkpoints: str
         rec = store.load(tid)
         rec["skipped"] = True
         return rec
+    # bad input fails here, before any model is loaded and before any record is written
     comp = Components.build(spec)
     comp.check_ready()
     source = resolve_source(spec.model)
     device = pick_device(spec.model)
     dtype = pick_dtype(spec.model, device)
+    drawn = draw_data(comp)
     record = base_record(spec, device)
-    store.write(record)
     stage = "setup"
+    if not _write_record(store, record, stage, raise_errors):
+        return record
     t_start = time.perf_counter()
     timings = record["timings"]
     try:
@@ -235,7 +248,7 @@ def run_trial(spec: RunSpec, output: str | Path = "results", *, checkpoints: str
 
         stage = "data"
         t = time.perf_counter()
-        parts, record["data"] = prepare_data(comp, model, tokenizer, source, progress)
+        parts, record["data"] = prepare_data(comp, model, tokenizer, source, progress, parts=drawn)
         timings["data_s"] = round(time.perf_counter() - t, 2)
 
         base_extras: dict[str, Any] = {}
@@ -311,25 +324,60 @@ def run_trial(spec: RunSpec, output: str | Path = "results", *, checkpoints: str
             record["error"] = oom_error(stage, spec, exc)
         else:
             record["status"] = "error"
-            record["error"] = {"type": type(exc).__name__, "stage": stage, "message": str(exc),
-                               "traceback": traceback.format_exc()}
-        log.error("trial %s failed in %s: %s: %s", tid, stage, type(exc).__name__, exc)
+            record["error"] = {"type": type(exc).__name__, "stage": stage, "message": redact(str(exc)),
+                               "traceback": redact(traceback.format_exc())}
+            if isinstance(exc, OSError) and exc.errno is not None:
+                record["error"]["errno"] = errno.errorcode.get(exc.errno, exc.errno)
+        log.error("trial %s failed in %s: %s: %s", tid, stage, type(exc).__name__, redact(str(exc)))
         if raise_errors:
             timings["total_s"] = round(time.perf_counter() - t_start, 2)
             record["finished_at"] = now()
-            store.write(record)
+            _write_record(store, record, stage, False)
             raise
     timings["total_s"] = round(time.perf_counter() - t_start, 2)
     record["finished_at"] = now()
-    store.write(record)
+    _write_record(store, record, "record", raise_errors)
     log.info("trial %s: %s in %.1fs -> %s", tid, record["status"], timings["total_s"], store.path(tid))
     return record
 
 
+def _write_record(store: ResultStore, record: dict[str, Any], stage: str, raise_errors: bool) -> bool:
+    """Write ``record``; a failed write (disk full, permissions) fails this trial, not the caller:
+    the record is marked ``error`` and a compact error record is tried in place of the full one.
+    Returns whether the full record was written."""
+    try:
+        store.write(record)
+        return True
+    except OSError as exc:
+        log.error("trial %s: cannot write its record to %s: %s", record["trial_id"], store.path(record["trial_id"]),
+                  exc)
+        first_error = record.get("error")
+        record["status"] = "error"
+        record["error"] = {"type": type(exc).__name__, "stage": stage, "message": redact(str(exc)),
+                           "errno": errno.errorcode.get(exc.errno, exc.errno) if exc.errno else None,
+                           "during": "writing the result record", "previous_error": first_error}
+        record["finished_at"] = record.get("finished_at") or now()
+        compact = {k: record.get(k) for k in ("schema_version", "trial_id", "status", "error", "config", "seed",
+                                              "started_at", "finished_at")}
+        try:
+            store.write(compact)
+        except OSError:
+            pass  # nothing more can be done on this disk; the caller gets the record in memory
+        if raise_errors:
+            raise
+        return False
+
+
 def oom_error(stage: str, spec: RunSpec, exc: BaseException) -> dict[str, Any]:
-    cfg = attack_config(spec) if stage == "attack" else defence_config(spec)
-    return {"type": "OutOfMemory", "stage": stage, "batch_size": getattr(cfg, "batch_size", None),
-            "eval_batch_size": spec.eval.batch_size, "message": str(exc).splitlines()[0][:300]}
+    if stage in ("pre_attack", "post_attack", "base_extras"):
+        batch_size = spec.eval.batch_size
+    elif stage == "data":
+        batch_size = spec.synth.batch_size
+    else:
+        cfg = attack_config(spec) if stage == "attack" else defence_config(spec)
+        batch_size = getattr(cfg, "batch_size", None)
+    return {"type": "OutOfMemory", "stage": stage, "batch_size": batch_size,
+            "eval_batch_size": spec.eval.batch_size, "message": redact(str(exc).splitlines()[0][:300] if str(exc) else "")}
 
 
 def cached_json(path: Optional[Path], compute):
