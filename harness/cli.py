@@ -16,6 +16,7 @@ import sys
 from typing import Any
 
 from harness.errors import HarnessError
+from harness.secrets import redact
 
 log = logging.getLogger("harness")
 
@@ -81,12 +82,12 @@ def cmd_run(args) -> int:
         return dry_run_all_defences(args)
     spec = spec_from_args(args)
     if args.dry_run:
-        print(json.dumps(plan(spec), indent=2))
+        print(redact(json.dumps(plan(spec), indent=2)))
         return 0
     from harness.trial import run_trial
 
     rec = run_trial(spec, args.output, checkpoints=args.checkpoints, force=args.force, progress=not args.no_progress)
-    print(summary_text(rec))
+    print(redact(summary_text(rec)))
     return 0 if rec["status"] == "ok" else 1
 
 
@@ -103,8 +104,8 @@ def dry_run_all_defences(args) -> int:
     args.defence = None
     spec = spec_from_args(args)
     c = spec.canonical()
-    print(json.dumps({"preset": spec.preset, "model": c["model"], "seed": c["seed"], "attack": c["attack"],
-                      "eval": c["eval"], "defences": plans}, indent=2))
+    print(redact(json.dumps({"preset": spec.preset, "model": c["model"], "seed": c["seed"], "attack": c["attack"],
+                             "eval": c["eval"], "defences": plans}, indent=2)))
     return 0
 
 
@@ -179,8 +180,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except HarnessError as exc:
-        from harness.secrets import redact
-
         print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 2
 
