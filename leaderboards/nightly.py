@@ -9,7 +9,7 @@ A suite is a YAML file in ``leaderboards/suites/`` (or any path)::
     model: smollm2-135m-instruct     # or {tiny: {...}}: a tiny model built locally (below)
     seeds: [0]                       # every trial runs once per seed
     sets: [eval.samples=16]          # --set overrides for every trial
-    data:                            # optional inline datasets, written to OUTPUT/data/NAME.jsonl;
+    data:                            # optional inline datasets, written to a fixed temp folder;
       qa: {prompts: [...], response: "...", refusal: "..."}   # "{data:qa}" in a set names the file
     trials:
       - name: none                   # the cell's name in the baseline and report (default DEFENCE/ATTACK)
@@ -236,14 +236,35 @@ def data_rows(name: str, spec: Any) -> list[dict[str, str]]:
     return [{k: str(v) for k, v in row.items()} for row in rows]
 
 
-def write_data(suite: Suite, folder: Path) -> dict[str, Path]:
+def data_folder() -> Path:
+    """Where inline suite data is written: a fixed folder of the system temp dir, so that the file path,
+    which the dataset reference (and with it the seeded data split and the trial id) contains, is the
+    same on every machine and in every run folder; the harness cache if that is not writable."""
+    folder = Path(tempfile.gettempdir()) / "harness-suite-data"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=folder, delete=True)
+        probe.close()
+        return folder
+    except OSError:
+        from harness.models import cache_root
+
+        return _mkdir(cache_root() / "suite-data")
+
+
+def write_data(suite: Suite, folder: Optional[Path] = None) -> dict[str, Path]:
+    """Write each inline dataset to ``<folder>/<content hash>/<name>.jsonl`` (never rewritten: a
+    changed dataset gets a new path)."""
     from harness.store import atomic_write_bytes
 
+    folder = folder or data_folder()
     out = {}
     for name, spec in sorted(suite.data.items()):
         rows = data_rows(name, spec)
-        path = folder / f"{name}.jsonl"
-        atomic_write_bytes(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
+        blob = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode()
+        path = folder / hashlib.sha256(blob).hexdigest()[:16] / f"{name}.jsonl"
+        if not (path.exists() and path.read_bytes() == blob):
+            atomic_write_bytes(path, blob)
         out[name] = path
     return out
 
@@ -582,7 +603,7 @@ def render_report(suite: Suite, comps: Sequence[Comparison], cells: dict[str, Ce
               f"- Suite: `{suite.name}` ({suite.description.strip() or 'no description'}); file sha {suite.sha}"
               + (f"; the baseline was made from sha {baseline.get('suite_sha')}" if baseline and
                  baseline.get("suite_sha") != suite.sha else ""),
-              f"- Model: {model}",
+              f"- Model: `{model}`",
               f"- Overrides on every trial: {', '.join(f'`{s}`' for s in extra_sets) or 'none'}",
               f"- This run: harness {env.get('harness')}, git {git.get('commit') or 'unknown'}"
               + (" (dirty)" if git.get("dirty") else "") + f", {env.get('device')}, {seconds:.1f} s",
@@ -661,7 +682,7 @@ def run_suite(suite_name: str, output: str | Path | None = None, *, baseline_pat
         except json.JSONDecodeError as exc:
             raise ConfigError(f"baseline {baseline_path} is not valid JSON: {exc}") from None
     output.mkdir(parents=True, exist_ok=True)
-    paths = write_data(suite, output / "data")
+    paths = write_data(suite)
     model_ids: dict[str, str] = {}
 
     def model_for(spec: Any) -> str:
@@ -683,7 +704,13 @@ def run_suite(suite_name: str, output: str | Path | None = None, *, baseline_pat
         m = model_for(t.model if t.model is not None else suite.model)
         for seed in t.seeds:
             plan.append((t, resolve(t.preset, defence=t.defence, attack=t.attack, model=m, seed=seed, sets=sets)))
-    model_text = model or ", ".join(sorted({p[1].model.id for p in plan}))
+    def describe(spec_id: str) -> str:  # a built tiny model by its suite spec, not by its cache path
+        for k, built in model_ids.items():
+            if built == spec_id:
+                return f"{json.dumps(json.loads(k), sort_keys=True, separators=(',', ':'))} [{Path(built).name}]"
+        return spec_id
+
+    model_text = model or ", ".join(sorted({describe(p[1].model.id) for p in plan}))
     ck_dir = output / "checkpoints" if reuse else Path(tempfile.mkdtemp(prefix="checkpoints-", dir=output))
     cells: dict[str, CellResult] = {t.name: CellResult(t.name, t.defence, t.attack) for t in suite.trials}
     t0 = time.perf_counter()
