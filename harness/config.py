@@ -177,7 +177,10 @@ def load_preset(name_or_path: str) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise ConfigError(f"preset file {str(path)!r} is not valid YAML: {exc}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        what = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        raise ConfigError(f"preset file {str(path)!r} is not valid YAML: {where}{what}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"preset file {str(path)!r} must hold a mapping, not {type(data).__name__}")
     data.setdefault("preset", path.stem)
