@@ -211,8 +211,13 @@ def criteria(spec: RunSpec, scores: dict[str, Any], base_extras: dict[str, Any],
 
 
 def run_trial(spec: RunSpec, output: str | Path = "results", *, checkpoints: str | Path | None = None,
-              force: bool = False, progress: bool = True, raise_errors: bool = False) -> dict[str, Any]:
-    """Run one cell end to end and write its record. Returns the record (existing one if skipped)."""
+              force: bool = False, progress: bool = True, raise_errors: bool = False,
+              cache_pre_attack: bool = False) -> dict[str, Any]:
+    """Run one cell end to end and write its record. Returns the record (existing one if skipped).
+
+    ``cache_pre_attack``: also cache the pre-attack scores of the undefended model (``none``) under
+    the checkpoints folder, as a defended model's always are (the sweep shares them between cells).
+    """
     paths = TrialPaths.of(output, checkpoints)
     store = ResultStore(paths.output)
     tid = spec.trial_id
@@ -241,8 +246,7 @@ def run_trial(spec: RunSpec, output: str | Path = "results", *, checkpoints: str
         t = time.perf_counter()
         model, tokenizer, source = load_model(spec.model, source, device, dtype)
         timings["load_model_s"] = round(time.perf_counter() - t, 2)
-        record["model"] = {**source.as_dict(), "parameters": sum(p.numel() for p in model.parameters()),
-                           "dtype": str(dtype).replace("torch.", "")}
+        record["model"] = model_info(source, model, dtype)
         if source.fallback:
             record["notes"].append(f"model: {source.fallback}")
 
@@ -254,8 +258,7 @@ def run_trial(spec: RunSpec, output: str | Path = "results", *, checkpoints: str
         base_extras: dict[str, Any] = {}
         if comp.extras and spec.defence.name != "none":
             stage = "base_extras"
-            base_extras = cached_json(paths.checkpoints / f"base-{_hash(record['model'])}" /
-                                      f"extras-{_hash(spec.eval.model_dump(mode='json'))}.json",
+            base_extras = cached_json(base_extras_path(paths, record["model"], spec),
                                       lambda: {n: e.evaluate(model, tokenizer, ctx.child("base"))
                                                for n, e in comp.extras.items()})
             record["scores"]["base"] = base_extras
@@ -272,11 +275,7 @@ def run_trial(spec: RunSpec, output: str | Path = "results", *, checkpoints: str
         t = time.perf_counter()
         pre_ctx = ctx.child("pre_attack")
         eval_model = comp.defence.prepare_eval(model, tokenizer, pre_ctx)
-        pre_key = _hash({"defence": spec.defence_key(), "eval": spec.eval.model_dump(mode="json"),
-                         "eval_data": record["data"]["fingerprint"]["eval"], "attack_eval": comp.attack.evaluation,
-                         "template": comp.attack.config.template,
-                         "max_new": getattr(comp.attack.config, "max_new_tokens", None)})
-        pre_path = (paths.checkpoints / spec.defence_key() / f"pre_attack-{pre_key}.json") if ck else None
+        pre_path = pre_attack_path(comp, paths, record["data"]) if (ck or cache_pre_attack) else None
         pre = cached_json(pre_path, lambda: dict(zip(("scores", "rows"), evaluate_model(
             comp, eval_model, tokenizer, parts["eval"], pre_ctx))))
         record["scores"]["pre_attack"], pre_rows = pre["scores"], pre["rows"]
@@ -378,6 +377,27 @@ def oom_error(stage: str, spec: RunSpec, exc: BaseException) -> dict[str, Any]:
         batch_size = getattr(cfg, "batch_size", None)
     return {"type": "OutOfMemory", "stage": stage, "batch_size": batch_size,
             "eval_batch_size": spec.eval.batch_size, "message": redact(str(exc).splitlines()[0][:300] if str(exc) else "")}
+
+
+def model_info(source: ModelSource, model, dtype) -> dict[str, Any]:
+    """The record's ``model`` entry (also the key of the base model's cached extra evaluations)."""
+    return {**source.as_dict(), "parameters": sum(p.numel() for p in model.parameters()),
+            "dtype": str(dtype).replace("torch.", "")}
+
+
+def base_extras_path(paths: TrialPaths, info: dict[str, Any], spec: RunSpec) -> Path:
+    """Cache file of the extra evaluations of the base model ``info`` (see ``model_info``)."""
+    return paths.checkpoints / f"base-{_hash(info)}" / f"extras-{_hash(spec.eval.model_dump(mode='json'))}.json"
+
+
+def pre_attack_path(comp: Components, paths: TrialPaths, data_summary: dict[str, Any]) -> Path:
+    """Cache file of the pre-attack scores: one per defended model, evaluation and eval data."""
+    spec = comp.spec
+    pre_key = _hash({"defence": spec.defence_key(), "eval": spec.eval.model_dump(mode="json"),
+                     "eval_data": data_summary["fingerprint"]["eval"], "attack_eval": comp.attack.evaluation,
+                     "template": comp.attack.config.template,
+                     "max_new": getattr(comp.attack.config, "max_new_tokens", None)})
+    return paths.checkpoints / spec.defence_key() / f"pre_attack-{pre_key}.json"
 
 
 def cached_json(path: Optional[Path], compute):
