@@ -374,7 +374,8 @@ def _num(value: Any) -> Optional[float]:
     return value if math.isfinite(value) else None
 
 
-SKIP_NUMERIC = {"n", "seconds", "generate_s", "max_new_tokens", "std"}
+SKIP_NUMERIC = {"n", "seconds", "generate_s", "max_new_tokens", "std", "lr", "epochs", "train_samples",
+                "eval_samples", "samples", "batch_size"}
 
 
 def record_metrics(rec: dict[str, Any]) -> tuple[dict[str, float], dict[str, str]]:
@@ -394,6 +395,8 @@ def record_metrics(rec: dict[str, Any]) -> tuple[dict[str, float], dict[str, str
                         if isinstance(row, dict) and row.get("higher_is_better") is False:
                             hints[f"{phase}/capability/{task}"] = "higher_is_worse"
                 continue
+            if name == "trainability":  # ROUGE only (not its lr, sizes, "before" scores)
+                val = {k: val[k] for k in ("rouge1", "rouge2", "rougeL") if k in val}
             for key, v in val.items():
                 if key in SKIP_NUMERIC:
                     continue
@@ -656,6 +659,39 @@ class NightlyResult:
     baseline_path: Path
 
 
+def suite_specs(suite: Suite, extra_sets: Sequence[str] = (), model: str | None = None,
+                model_ids: Optional[dict[str, str]] = None, build_models: bool = True) -> list[tuple[SuiteTrial, Any]]:
+    """``[(trial, RunSpec), ...]`` for every trial and seed, resolved and validated (nothing runs).
+    ``model_ids`` collects the tiny models built (suite spec JSON -> folder); with
+    ``build_models=False`` a ``{tiny: ...}`` model is left to the preset (for checking a suite)."""
+    from harness.config import resolve
+
+    paths = write_data(suite)
+    model_ids = {} if model_ids is None else model_ids
+
+    def model_for(spec: Any) -> Optional[str]:
+        if model:
+            return model
+        if spec is None:
+            return None
+        if isinstance(spec, dict):
+            if not build_models:
+                return None
+            k = json.dumps(spec, sort_keys=True)
+            if k not in model_ids:
+                model_ids[k] = str(build_suite_model(spec, suite))
+            return model_ids[k]
+        return substitute(str(spec), paths, suite)
+
+    plan = []
+    for t in suite.trials:
+        sets = [substitute(s, paths, suite) for s in [*suite.sets, *t.sets, *extra_sets]]
+        m = model_for(t.model if t.model is not None else suite.model)
+        for seed in t.seeds:
+            plan.append((t, resolve(t.preset, defence=t.defence, attack=t.attack, model=m, seed=seed, sets=sets)))
+    return plan
+
+
 def default_baseline(suite: Suite) -> Path:
     return BASELINE_DIR / f"{suite.name}.json"
 
@@ -664,8 +700,6 @@ def run_suite(suite_name: str, output: str | Path | None = None, *, baseline_pat
               update_baseline: bool = False, extra_sets: Sequence[str] = (), model: str | None = None,
               reuse: bool = False, keep_checkpoints: bool = False, leaderboard: bool = True,
               progress: bool = False) -> NightlyResult:
-    from harness.config import resolve
-    from harness.provenance import environment
     from harness.store import atomic_write_bytes, atomic_write_json
     from harness.trial import run_trial
 
@@ -682,28 +716,9 @@ def run_suite(suite_name: str, output: str | Path | None = None, *, baseline_pat
         except json.JSONDecodeError as exc:
             raise ConfigError(f"baseline {baseline_path} is not valid JSON: {exc}") from None
     output.mkdir(parents=True, exist_ok=True)
-    paths = write_data(suite)
     model_ids: dict[str, str] = {}
+    plan = suite_specs(suite, extra_sets, model, model_ids)
 
-    def model_for(spec: Any) -> str:
-        if model:
-            return model
-        if spec is None:
-            return None
-        if isinstance(spec, dict):
-            k = json.dumps(spec, sort_keys=True)
-            if k not in model_ids:
-                model_ids[k] = str(build_suite_model(spec, suite))
-            return model_ids[k]
-        return substitute(str(spec), paths, suite)
-
-    # every spec is resolved (and validated) before anything runs
-    plan = []
-    for t in suite.trials:
-        sets = [substitute(s, paths, suite) for s in [*suite.sets, *t.sets, *extra_sets]]
-        m = model_for(t.model if t.model is not None else suite.model)
-        for seed in t.seeds:
-            plan.append((t, resolve(t.preset, defence=t.defence, attack=t.attack, model=m, seed=seed, sets=sets)))
     def describe(spec_id: str) -> str:  # a built tiny model by its suite spec, not by its cache path
         for k, built in model_ids.items():
             if built == spec_id:

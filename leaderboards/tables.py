@@ -128,6 +128,7 @@ class TrialView:
     harness: str
     eval_samples: Any
     max_new_tokens: Any
+    scorer_key: str = ""
     defence_label: str = ""
     attack_label: str = ""
 
@@ -137,15 +138,13 @@ class TrialView:
     @property
     def setting(self) -> tuple:
         """Records that may share a column: same model, loss mode, scorer and evaluation size."""
-        return (self.model, self.loss_on, self.evaluation, self.scorer, str(self.eval_samples),
+        return (self.model, self.loss_on, self.evaluation, self.scorer_key, str(self.eval_samples),
                 str(self.max_new_tokens))
 
 
-def _scorer_label(rec: dict[str, Any], evaluation: str) -> str:
-    """The scorer as configured (name + parameters): records with the same label share a table."""
-    cfg = _get(rec, "config", "eval", "toxicity_scorer" if evaluation == "toxicity" else "harm_scorer") or {}
-    params = {k: v for k, v in cfg.items() if k != "name"}
-    return _params_label(cfg.get("name") or "unknown", params, sorted(params))
+def _scorer_config(rec: dict[str, Any], evaluation: str) -> dict[str, Any]:
+    cfg = _get(rec, "config", "eval", "toxicity_scorer" if evaluation == "toxicity" else "harm_scorer")
+    return cfg if isinstance(cfg, dict) else {}
 
 
 def _scorer_detail(views: Sequence["TrialView"]) -> str:
@@ -201,13 +200,22 @@ def trial_views(records: Iterable[dict[str, Any]]) -> list[TrialView]:
             attack_params={k: v for k, v in a.items() if k != "name"}, lr=_number(a.get("lr")),
             samples=a.get("samples"), loss_on=str(a.get("loss_on") or "n/a"),
             model=f"{model}@{revision}" if revision else str(model), evaluation=evaluation,
-            scorer=_scorer_label(rec, evaluation), harness=str(_get(rec, "environment", "harness") or "unknown"),
+            scorer="", scorer_key=json.dumps(_scorer_config(rec, evaluation), sort_keys=True, default=str),
+            harness=str(_get(rec, "environment", "harness") or "unknown"),
             eval_samples=ev_cfg.get("samples"), max_new_tokens=max_new))
     by_defence: dict[str, list[TrialView]] = defaultdict(list)
     by_attack: dict[str, list[TrialView]] = defaultdict(list)
     for v in views:
         by_defence[v.defence].append(v)
         by_attack[v.attack].append(v)
+    by_scorer: dict[tuple[str, str], list[TrialView]] = defaultdict(list)
+    for v in views:
+        by_scorer[(v.evaluation, _scorer_config(v.record, v.evaluation).get("name") or "unknown")].append(v)
+    for (ev, name), vs in by_scorer.items():  # scorer name + the parameters that differ between records
+        params = [{k: x for k, x in _scorer_config(v.record, ev).items() if k != "name"} for v in vs]
+        keys = _varying_keys(params)
+        for v, p in zip(vs, params):
+            v.scorer = _params_label(name, p, keys)
     for name, vs in by_defence.items():
         keys = _varying_keys(v.defence_params for v in vs)
         for v in vs:

@@ -300,3 +300,15 @@ def test_weight_distance_plot_from_csv(tmp_path):
                   "distance": [0.1, 0.2, 0.3, 0.5, 0.4, 0.2]}).to_csv(res / "weight_distance.csv", index=False)
     written = weight_distance_plots(res, tmp_path / "out")
     assert [p.name for p in written] == ["weight_distance.png"] and written[0].stat().st_size > 1000
+
+
+def test_scorer_settings_split_tables_and_name_only_what_differs():
+    a = make_record("none", "harmfulqa", 8e-5, 0)
+    b = make_record("none", "harmfulqa", 8e-5, 1)
+    for rec, window in ((a, 300), (b, 100)):
+        rec["config"]["eval"]["harm_scorer"] = {"name": "keyword_refusal", "window": window, "min_words": 3}
+    harm = [t for t in T.build_tables([a, b]) if t.kind == "harmfulness"]
+    assert sorted(t.context["scorer"].split(" [")[0] for t in harm) == ["keyword_refusal (window=100)",
+                                                                        "keyword_refusal (window=300)"]
+    assert all("min_words" not in t.caption for t in harm)
+    assert [h.split(" — ")[1] for h in T.table_headings(harm)] == [f"scorer {t.context['scorer']}" for t in harm]

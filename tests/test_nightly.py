@@ -107,8 +107,10 @@ def test_suite_validation(tmp_path):
         with pytest.raises(ConfigError, match=msg):
             _suite(tmp_path, bad)
     assert set(N.suite_names()) >= {"tiny", "smoke"}
-    for name in N.suite_names():  # the committed suites parse
-        N.load_suite(name)
+    for name in N.suite_names():  # the committed suites parse and every trial resolves to a valid spec
+        suite = N.load_suite(name)
+        specs = N.suite_specs(suite, build_models=False)
+        assert len(specs) == sum(len(t.seeds) for t in suite.trials)
 
 
 def _cells(defence: str, metrics: dict[str, float], hints=None) -> dict:
@@ -179,7 +181,8 @@ def test_record_metrics_reads_every_part():
                                      "capability": {"tasks": {"arc_easy": {"score": 0.5},
                                                               "crows": {"score": 0.6, "higher_is_better": False},
                                                               "broken": {"score": None}}},
-                                     "trainability": {"rouge1": 0.4, "rougeL": {"fmeasure": 0.3}, "seconds": 3}},
+                                     "trainability": {"rouge1": 0.4, "rougeL": {"fmeasure": 0.3}, "seconds": 3, "lr": 1e-4,
+                                                      "before": {"rouge1": 0.1}}},
                       "post_attack": {"harmfulness": {"mean": float("nan")}}},
            "criteria": {"resistance": {"increase": 0.2}, "stability": {"mean_delta": -0.01},
                         "trainability": {"rougeL_delta": -0.02}},
