@@ -732,13 +732,24 @@ def run_suite(suite_name: str, output: str | Path | None = None, *, baseline_pat
     try:
         for t, spec in plan:
             log.info("nightly %s: cell %s seed %s (%s)", suite.name, t.name, spec.seed, spec.trial_id)
-            rec = run_trial(spec, output, checkpoints=ck_dir, force=not reuse, progress=progress)
+            try:
+                rec = run_trial(spec, output, checkpoints=ck_dir, force=not reuse, progress=progress)
+            except Exception as exc:  # a trial that cannot even start is a failed trial, not a crash
+                log.error("nightly %s: cell %s seed %s did not start: %s: %s", suite.name, t.name, spec.seed,
+                          type(exc).__name__, exc)
+                rec = {"trial_id": spec.trial_id, "status": "error", "seed": spec.seed,
+                       "error": {"type": type(exc).__name__, "stage": "setup", "message": str(exc)}}
             cells[t.name].records.append(rec)
     finally:
         if not reuse and not keep_checkpoints:
             shutil.rmtree(ck_dir, ignore_errors=True)
     seconds = time.perf_counter() - t0
-    env = dict((cells[suite.trials[0].name].records[0].get("environment") or {}))
+    env = next((dict(r["environment"]) for c in cells.values() for r in c.records if r.get("environment")), None)
+    if env is None:
+        import harness
+        from harness.provenance import git_commit
+
+        env = {"harness": harness.__version__, "git": git_commit(), "device": "unknown"}
     current = {}
     for name, c in cells.items():
         metrics, hints = c.metrics()

@@ -174,4 +174,8 @@ def weight_distance_plots(results_dir: str | Path, out: str | Path) -> list[Path
 
 
 def all_plots(records: Sequence[dict[str, Any]], results_dir: str | Path, out: str | Path) -> list[Path]:
+    out = Path(out)
+    if out.exists():  # no stale figure of an earlier run
+        for old in [*out.glob("*_vs_lr*.png"), *out.glob("*weight_distance*.png")]:
+            old.unlink(missing_ok=True)
     return harm_vs_lr(records, out) + weight_distance_plots(results_dir, out)

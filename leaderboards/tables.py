@@ -616,6 +616,8 @@ def render_markdown(tables: Sequence[Table], records: Sequence[dict[str, Any]], 
 
 
 CONTEXT_COLUMNS = ("model", "scorer", "loss_on", "harness")
+TABLE_KINDS = ("harmfulness", "harmfulness_frac", "toxicity", "toxicity_frac", "capability", "trainability",
+               "criteria")
 
 
 def kind_frame(tables: Sequence[Table]) -> pd.DataFrame:
@@ -689,6 +691,9 @@ def write_leaderboard(records: Sequence[dict[str, Any]], out: str | Path, format
     out = Path(out)
     tables = build_tables(records)
     written: list[Path] = []
+    if "csv" in formats:  # no stale table of a kind these records no longer have
+        for kind in TABLE_KINDS:
+            (out / f"{kind}.csv").unlink(missing_ok=True)
 
     def write(name: str, text: str) -> None:
         path = out / name

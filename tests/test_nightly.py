@@ -194,3 +194,26 @@ def test_record_metrics_reads_every_part():
                        "criteria/resistance/increase": 0.2, "criteria/stability/mean_delta": -0.01,
                        "criteria/trainability/rougeL_delta": -0.02, "train/attack/final_loss": 2.0}
     assert hints == {"pre_attack/capability/crows": "higher_is_worse"}
+
+
+def test_a_trial_that_cannot_start_is_a_reported_failure(tmp_path, monkeypatch):
+    import harness.trial
+
+    def boom(spec, *a, **k):
+        raise RuntimeError("cannot start")
+
+    monkeypatch.setattr(harness.trial, "run_trial", boom)
+    suite = tmp_path / "s.yaml"
+    suite.write_text("trials: [{name: base, defence: none, attack: harmfulqa}]\n"
+                     "sets: [eval.harm_scorer.name=keyword_refusal]\n")
+    base = tmp_path / "b.json"
+    base.write_text(json.dumps({"cells": {"base": {"defence": "none"}},
+                                "metrics": {"base/post_attack/harmfulness/mean": N.summarize([0.5])}}))
+    res = N.run_suite(str(suite), tmp_path / "out", baseline_path=base, leaderboard=False)
+    assert res.exit_code == 1
+    assert "## Failed trials" in res.report and "cannot start" in res.report
+    assert "MISSING base/post_attack/harmfulness/mean" in "\n".join(N.regression_lines(res.comparisons))
+    # --update-baseline refuses to write a baseline from a failed run
+    res = N.run_suite(str(suite), tmp_path / "out", baseline_path=tmp_path / "new.json", update_baseline=True,
+                      leaderboard=False)
+    assert res.exit_code == 1 and not (tmp_path / "new.json").exists() and "NOT updated" in res.report
