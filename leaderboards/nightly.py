@@ -54,7 +54,6 @@ purpose (refused when a trial failed).
 
 from __future__ import annotations
 
-import copy
 import fnmatch
 import hashlib
 import json

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import re
 import statistics
 from collections import defaultdict
