@@ -212,11 +212,13 @@ def criteria(spec: RunSpec, scores: dict[str, Any], base_extras: dict[str, Any],
 
 def run_trial(spec: RunSpec, output: str | Path = "results", *, checkpoints: str | Path | None = None,
               force: bool = False, progress: bool = True, raise_errors: bool = False,
-              cache_pre_attack: bool = False) -> dict[str, Any]:
+              cache_pre_attack: bool = False, attacked_from: str | Path | None = None) -> dict[str, Any]:
     """Run one cell end to end and write its record. Returns the record (existing one if skipped).
 
     ``cache_pre_attack``: also cache the pre-attack scores of the undefended model (``none``) under
     the checkpoints folder, as a defended model's always are (the sweep shares them between cells).
+    ``attacked_from``: a complete checkpoint of the attacked model (the sweep's FSDP attack stage
+    saved it); the attack is loaded from it instead of trained here.
     """
     paths = TrialPaths.of(output, checkpoints)
     store = ResultStore(paths.output)
@@ -226,6 +228,8 @@ def run_trial(spec: RunSpec, output: str | Path = "results", *, checkpoints: str
         rec = store.load(tid)
         rec["skipped"] = True
         return rec
+    if attacked_from is not None and not is_complete(Path(attacked_from)):
+        raise ValueError(f"attacked_from={str(attacked_from)!r} is not a complete checkpoint")
     # bad input fails here, before any model is loaded and before any record is written
     comp = Components.build(spec)
     comp.check_ready()
@@ -285,9 +289,14 @@ def run_trial(spec: RunSpec, output: str | Path = "results", *, checkpoints: str
         t = time.perf_counter()
         attack_ctx = ctx.child("attack")
         seed_everything(spec.seed)
-        attack_model = comp.defence.prepare_attack(model, tokenizer, attack_ctx)
-        attacked = comp.attack.run(attack_model, tokenizer, parts["attack"], attack_ctx)
-        record["train"]["attack"] = attack_ctx.stats.get("train")
+        if attacked_from is not None:  # trained elsewhere (FSDP on several GPUs, harness.fsdp)
+            attacked, _, _ = load_model(spec.model, source, device, dtype, path=str(attacked_from))
+            record["train"]["attack"] = read_marker(attacked_from).get("train")
+            record["notes"].append(f"attack: trained by a separate stage, loaded from {attacked_from}")
+        else:
+            attack_model = comp.defence.prepare_attack(model, tokenizer, attack_ctx)
+            attacked = comp.attack.run(attack_model, tokenizer, parts["attack"], attack_ctx)
+            record["train"]["attack"] = attack_ctx.stats.get("train")
         timings["attack_s"] = round(time.perf_counter() - t, 2)
 
         stage = "post_attack"
