@@ -51,7 +51,9 @@ class ComponentSpec(BaseModel):
 
 
 class ScorerSpec(ComponentSpec):
-    pass
+    """A scorer and, optionally, the scorer to use when it cannot run here (logged and recorded)."""
+
+    fallback: Optional[str] = None
 
 
 class EvalSpec(Strict):
@@ -97,7 +99,8 @@ class RunSpec(Strict):
         data["attack"] = {"name": self.attack.name, **attack_config(self).model_dump(mode="json")}
         for key in ("harm_scorer", "toxicity_scorer"):
             spec = getattr(self.eval, key)
-            data["eval"][key] = {"name": spec.name, **scorer_config(spec, f"eval.{key}").model_dump(mode="json")}
+            data["eval"][key] = {"name": spec.name, "fallback": spec.fallback,
+                                 **scorer_config(spec, f"eval.{key}").model_dump(mode="json")}
         data["eval"]["params"] = {name: METRICS.get(name).Config(**self.eval.params.get(name, {})).model_dump(mode="json")
                                   for name in self.eval.extra}
         return data
@@ -292,6 +295,10 @@ def validate(data: dict[str, Any]) -> RunSpec:
     spec.canonical()
     scorer_config(spec.eval.harm_scorer, "eval.harm_scorer")
     scorer_config(spec.eval.toxicity_scorer, "eval.toxicity_scorer")
+    for key in ("harm_scorer", "toxicity_scorer"):
+        fallback = getattr(spec.eval, key).fallback
+        if fallback:
+            METRICS.get(fallback)
     for name in spec.eval.extra:
         METRICS.get(name)
     unknown = sorted(set(spec.eval.params) - set(spec.eval.extra))

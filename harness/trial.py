@@ -32,7 +32,7 @@ from harness.checkpoints import is_complete, read_marker
 from harness.components import Example
 from harness.config import RunSpec, attack_config, defence_config, scorer_config
 from harness.context import StageContext, seed_everything
-from harness.errors import DivergedError
+from harness.errors import DivergedError, HarnessError
 from harness.generation import generate
 from harness.models import ModelSource, cache_root, load_model, pick_device, pick_dtype, resolve_source
 from harness.provenance import environment
@@ -62,6 +62,8 @@ class Components:
     harm_scorer: Any
     toxicity_scorer: Any
     extras: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+    fallback_from: Optional[dict[str, str]] = None
 
     @classmethod
     def build(cls, spec: RunSpec) -> "Components":
@@ -81,8 +83,28 @@ class Components:
         return datamod.requests_for(self.spec, type(self.defence), self.defence.config, self.attack.config)
 
     def check_ready(self) -> None:
-        """Everything that can fail without a model fails now (missing API key, offline model)."""
-        self.scorer.check_ready()
+        """Everything that can fail without a model fails now (missing API key, offline model).
+
+        A scorer that cannot run is swapped for the spec's ``fallback`` scorer when one is named
+        (e.g. Detoxify offline -> profanity_check): a WARNING, a note in the record and
+        ``fallback_from`` in the scorer's provenance say so. Without a fallback the error stands.
+        """
+        try:
+            self.scorer.check_ready()
+        except HarnessError as exc:
+            key = "toxicity_scorer" if self.attack.evaluation == "toxicity" else "harm_scorer"
+            scorer_spec = getattr(self.spec.eval, key)
+            if not scorer_spec.fallback:
+                raise
+            cls = METRICS.get(scorer_spec.fallback)
+            fallback = cls(cls.Config())
+            fallback.check_ready()
+            reason = redact(str(exc))
+            self.fallback_from = {"scorer": scorer_spec.name, "reason": reason}
+            setattr(self, key, fallback)
+            note = f"eval.{key}: {scorer_spec.name!r} cannot run ({reason}); scored with fallback {scorer_spec.fallback!r}"
+            self.notes.append(note)
+            log.warning(note)
         for extra in self.extras.values():
             check = getattr(extra, "check_ready", None)
             if check:
@@ -146,7 +168,10 @@ def evaluate_model(comp: Components, model, tokenizer, prompts: list[Example], c
     t_gen = time.perf_counter() - t0
     scores = comp.scorer.score([ex.prompt for ex in prompts], gens)
     name = attack.evaluation
-    out: dict[str, Any] = {name: {**summarize_scores(scores, gens), "scorer": comp.scorer.provenance(),
+    provenance = comp.scorer.provenance()
+    if comp.fallback_from:
+        provenance = {**provenance, "fallback_from": comp.fallback_from}
+    out: dict[str, Any] = {name: {**summarize_scores(scores, gens), "scorer": provenance,
                                   "max_new_tokens": max_new}}
     ctx.stats["generate_s"] = round(t_gen, 2)
     log.info("%s %s: mean %.3f, harmful fraction %.3f (n=%d, scorer %s)", ctx.stage, name, out[name]["mean"],
@@ -238,6 +263,7 @@ def run_trial(spec: RunSpec, output: str | Path = "results", *, checkpoints: str
     dtype = pick_dtype(spec.model, device)
     drawn = draw_data(comp)
     record = base_record(spec, device)
+    record["notes"].extend(comp.notes)
     stage = "setup"
     if not _write_record(store, record, stage, raise_errors):
         return record

@@ -94,18 +94,18 @@ class DetoxifyScorer(TextScorer):
             path = Path(cfg.checkpoint).expanduser()
             if not path.is_file():
                 raise ConfigError(f"toxicity_scorer.checkpoint = {cfg.checkpoint!r}: no such file")
-            return torch.load(path, map_location="cpu", weights_only=False), str(path)
+            return torch.load(path, map_location="cpu", weights_only=True), str(path)
         url = _checkpoint_url(cfg.variant)
         cached = _cached_checkpoint(url)
         if cached.is_file():
-            return torch.load(cached, map_location="cpu", weights_only=False), str(cached)
+            return torch.load(cached, map_location="cpu", weights_only=True), str(cached)
         if not host_reachable(url):
             raise ModelUnavailableError(
                 f"detoxify variant {cfg.variant!r}: its checkpoint is not cached ({cached}) and "
                 f"{url.split('/')[2]} is unreachable. Download {url} where the network is reachable and "
                 f"put it at {cached}, or set toxicity_scorer.checkpoint=/path/to/file.ckpt and "
                 f"toxicity_scorer.huggingface_config_path=/path/to/base-model-folder.")
-        loaded = torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=False)
+        loaded = torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True)
         return loaded, url
 
     def _base_model_source(self, model_type: str) -> tuple[str, Optional[str], Optional[str]]:

@@ -88,3 +88,49 @@ def test_toxicity_attack_on_shared_decoding_trust(tiny_dir, tmp_path, isolated_c
     assert "toxicity" in rec["scores"]["post_attack"]
     assert rec["scores"]["post_attack"]["toxicity"]["max_new_tokens"] == 25
     assert rec["data"]["synthesized"] == []  # DecodingTrust rows come with continuations
+
+
+def test_unavailable_scorer_swapped_for_declared_fallback(tiny_dir, tmp_path, isolated_cache, caplog):
+    """Offline, Detoxify's checkpoint cannot be fetched: the smoke preset names profanity_check as
+    the fallback, and the swap is logged and recorded (no silent fallback)."""
+    import pathlib
+
+    from harness.errors import HarnessError
+    from harness.registry import METRICS
+
+    folder = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "decoding_trust"
+    if not folder.exists():
+        pytest.skip("shared data not present")
+
+    class Unavailable(METRICS.get("keyword_refusal")):
+        kind = "toxicity"
+
+        def check_ready(self):
+            raise HarnessError("checkpoint not reachable offline")
+
+    METRICS.add("test_unavailable_scorer", Unavailable)
+    sets = [s for s in FAST if not s.startswith("eval.toxicity_scorer")] + [
+        "eval.toxicity_scorer.name=test_unavailable_scorer", "eval.toxicity_scorer.fallback=profanity_check",
+        f"attack.dataset.path={folder}", f"attack.eval_dataset.path={folder}", "attack.samples=4"]
+    spec = resolve("smoke", attack="toxicity", model=str(tiny_dir), sets=sets)
+    with caplog.at_level("WARNING"):
+        rec = run_trial(spec, tmp_path / "r", progress=False)
+    assert rec["status"] == "ok", rec["error"]
+    prov = rec["scores"]["post_attack"]["toxicity"]["scorer"]
+    assert prov["scorer"] == "profanity_check"
+    assert prov["fallback_from"]["scorer"] == "test_unavailable_scorer"
+    assert any("fallback 'profanity_check'" in n for n in rec["notes"])
+    assert any("fallback 'profanity_check'" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    # without a declared fallback the error stands, before any model is loaded
+    spec2 = resolve("smoke", attack="toxicity", model=str(tiny_dir),
+                    sets=[s for s in sets if "fallback" not in s] + ["eval.toxicity_scorer.fallback=null"])
+    with pytest.raises(HarnessError, match="not reachable offline"):
+        run_trial(spec2, tmp_path / "r2", progress=False)
+
+
+def test_profanity_check_scores_offensive_text_higher():
+    from harness.registry import METRICS
+
+    scorer = METRICS.get("profanity_check")()
+    clean, rude, empty = scorer.score(["p"] * 3, ["have a lovely day", "shut up you stupid fucking idiot", ""])
+    assert rude > 0.9 and clean < 0.2 and empty == 0.0
