@@ -217,13 +217,15 @@ def criteria(spec: RunSpec, scores: dict[str, Any], base_extras: dict[str, Any],
                              "increase": post[evaluation]["mean"] - pre.get(evaluation, {}).get("mean", math.nan)}
     cap_pre, cap_base = pre.get("capability"), base_extras.get("capability")
     if cap_pre and cap_base:
-        deltas = {}
+        deltas, gains = {}, {}
         for task, val in cap_pre.get("tasks", {}).items():
             b = cap_base.get("tasks", {}).get(task)
             if isinstance(val, dict) and isinstance(b, dict) and val.get("score") is not None and b.get("score") is not None:
                 deltas[task] = val["score"] - b["score"]
-        out["stability"] = {"capability_delta": deltas,
-                            "mean_delta": statistics.fmean(deltas.values()) if deltas else None}
+                # signed so that > 0 is better whatever the metric's direction (CrowS-Pairs: lower is better)
+                gains[task] = deltas[task] if val.get("higher_is_better", True) else -deltas[task]
+        out["stability"] = {"capability_delta": deltas, "capability_gain": gains,
+                            "mean_gain": statistics.fmean(gains.values()) if gains else None}
     tr_pre, tr_base = pre.get("trainability"), base_extras.get("trainability")
     if tr_pre and tr_base:
         keys = [k for k in ("rouge1", "rouge2", "rougeL") if k in tr_pre and k in tr_base]

@@ -27,7 +27,7 @@ attack shows. It is cached under ``$HARNESS_CACHE/nightly-models/<hash>``.
 
 Metrics (per cell, averaged over seeds; keys ``CELL/PATH``): ``pre_attack|post_attack/<evaluation>/
 mean|frac_harmful`` (harmfulness or toxicity), ``.../capability/<task>``, ``.../trainability/rouge1|
-rouge2|rougeL``, ``criteria/resistance/increase``, ``criteria/stability/mean_delta``,
+rouge2|rougeL``, ``criteria/resistance/increase``, ``criteria/stability/mean_gain``,
 ``criteria/trainability/rougeL_delta``, ``train/<stage>/final_loss``, ``.../frac_empty``.
 
 Tolerance: ``tol = max(abs, k_std * std)``, where ``std`` is the sample std over the baseline's
@@ -406,7 +406,7 @@ def record_metrics(rec: dict[str, Any]) -> tuple[dict[str, float], dict[str, str
                     out[f"{phase}/{name}/{key}"] = v
     crit = rec.get("criteria") or {}
     for key, path in (("criteria/resistance/increase", ("resistance", "increase")),
-                      ("criteria/stability/mean_delta", ("stability", "mean_delta"))):
+                      ("criteria/stability/mean_gain", ("stability", "mean_gain"))):
         v = crit
         for p in path:
             v = v.get(p) if isinstance(v, dict) else None

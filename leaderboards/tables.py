@@ -515,7 +515,7 @@ def criteria_tables(views: Sequence[TrialView]) -> list[Table]:
             cols.append((f"resistance: {ev} increase", resist, ev, False))
             cols.append((f"generalization: cross-domain {ev} increase", resist, ev, True))
         cols.append(("stability: capability Δ",
-                     lambda v: _number(_get(v.record, "criteria", "stability", "mean_delta")), None, True))
+                     lambda v: _number(_get(v.record, "criteria", "stability", "mean_gain")), None, True))
         cols.append(("trainability: ROUGE-L Δ",
                      lambda v: _number(_get(v.record, "criteria", "trainability", "rougeL_delta")), None, True))
         rows = defence_order(v.defence_label for v in group)

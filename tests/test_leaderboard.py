@@ -97,7 +97,7 @@ def make_record(key: str, attack: str, lr: float, seed: int, status: str = "ok",
                            "cross_domain": cross},
     }
     if key != "none":
-        rec["criteria"]["stability"] = {"capability_delta": {"arc_easy": acc - 0.5}, "mean_delta": round(acc - 0.5, 6)}
+        rec["criteria"]["stability"] = {"capability_delta": {"arc_easy": acc - 0.5}, "mean_gain": round(acc - 0.5, 6)}
         rec["criteria"]["trainability"] = {"rouge1_delta": round(r1 - 0.6, 6), "rouge2_delta": round(r2 - 0.4, 6),
                                            "rougeL_delta": round(rl - 0.55, 6)}
     return rec

@@ -65,7 +65,7 @@ def test_tiny_suite_passes_then_catches_a_stronger_attack(cache, tmp_path, capsy
     assert out.startswith("FAIL")
     line = next((l for l in out.splitlines() if l.startswith("REGRESSION none/post_attack/harmfulness/mean")), out)
     value = float(line.split("value ")[1].split(",")[0])
-    assert value >= 0.5
+    assert value > post["mean"] + 0.13  # beyond the tolerance the report names
     assert f"baseline {post['mean']:.4f} ± 0.0000 (n=1)" in line and "tolerance 0.1300" in line
     assert "## Regressions" in report and "`none/post_attack/harmfulness/mean`" in report.split("## Trials")[0]
     assert "`attack.lr=0.02`" in report
@@ -132,7 +132,7 @@ def test_directions_and_tolerances(tmp_path):
     base = _baseline("repnoise", {"post_attack/harmfulness/mean": [0.2], "pre_attack/harmfulness/frac_harmful": [0.3],
                                   "pre_attack/capability/arc_easy": [0.5],
                                   "pre_attack/capability/crows_pairs_english": [0.6],
-                                  "train/attack/final_loss": [1.0], "criteria/stability/mean_delta": [0.0],
+                                  "train/attack/final_loss": [1.0], "criteria/stability/mean_gain": [0.0],
                                   "post_attack/harmfulness/frac_empty": [0.0]})
     hints = {"pre_attack/capability/crows_pairs_english": "higher_is_worse"}
     cur = _cells("repnoise", {"post_attack/harmfulness/mean": 0.3,  # harm up by 0.1 > 0.05: regression
@@ -140,12 +140,12 @@ def test_directions_and_tolerances(tmp_path):
                               "pre_attack/capability/arc_easy": 0.49,  # within 0.02
                               "pre_attack/capability/crows_pairs_english": 0.7,  # lower is better: up is worse
                               "train/attack/final_loss": 5.0,  # info only
-                              "criteria/stability/mean_delta": -0.1,  # lower is worse
+                              "criteria/stability/mean_gain": -0.1,  # lower is worse
                               "new/metric": 1.0}, hints)
     v = _verdicts(N.compare(cur, base, suite))
     assert v == {"post_attack/harmfulness/mean": "REGRESSION", "pre_attack/harmfulness/frac_harmful": "improved",
                  "pre_attack/capability/arc_easy": "ok", "pre_attack/capability/crows_pairs_english": "REGRESSION",
-                 "train/attack/final_loss": "info", "criteria/stability/mean_delta": "REGRESSION",
+                 "train/attack/final_loss": "info", "criteria/stability/mean_gain": "REGRESSION",
                  "post_attack/harmfulness/frac_empty": "info", "new/metric": "new"}
 
     # the base model after the attack: any change is a regression (a weaker attack hides defence regressions)
@@ -184,14 +184,14 @@ def test_record_metrics_reads_every_part():
                                      "trainability": {"rouge1": 0.4, "rougeL": {"fmeasure": 0.3}, "seconds": 3, "lr": 1e-4,
                                                       "before": {"rouge1": 0.1}}},
                       "post_attack": {"harmfulness": {"mean": float("nan")}}},
-           "criteria": {"resistance": {"increase": 0.2}, "stability": {"mean_delta": -0.01},
+           "criteria": {"resistance": {"increase": 0.2}, "stability": {"mean_gain": -0.01},
                         "trainability": {"rougeL_delta": -0.02}},
            "train": {"attack": {"final_loss": 2.0}, "defence": None}}
     metrics, hints = N.record_metrics(rec)
     assert metrics == {"pre_attack/harmfulness/mean": 0.1, "pre_attack/harmfulness/frac_harmful": 0.0,
                        "pre_attack/capability/arc_easy": 0.5, "pre_attack/capability/crows": 0.6,
                        "pre_attack/trainability/rouge1": 0.4, "pre_attack/trainability/rougeL": 0.3,
-                       "criteria/resistance/increase": 0.2, "criteria/stability/mean_delta": -0.01,
+                       "criteria/resistance/increase": 0.2, "criteria/stability/mean_gain": -0.01,
                        "criteria/trainability/rougeL_delta": -0.02, "train/attack/final_loss": 2.0}
     assert hints == {"pre_attack/capability/crows": "higher_is_worse"}
 
