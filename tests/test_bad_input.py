@@ -21,6 +21,9 @@ def restore_logging():
     """``harness.cli.main`` re-installs the root log handlers on the (captured) stderr of the test;
     put the previous ones back so later tests do not log into a closed stream."""
     root = logging.getLogger()
+    # an earlier test's main() may have left a handler on a captured stream that is closed now
+    root.handlers[:] = [h for h in root.handlers if not (type(h) is logging.StreamHandler
+                                                         and getattr(h.stream, "closed", False))]
     handlers, level = root.handlers[:], root.level
     yield
     root.handlers[:] = handlers
