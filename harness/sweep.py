@@ -508,8 +508,10 @@ def build(spec: SweepSpec, preset: str, *, output: Optional[str] = None, storage
             f"{cell.labels['defence']} seed {cell.labels['seed']} {cell.labels['eval']}")
         deps.append(pid)
         chosen = spec.resources.get("attack", spec.resources.get("cell", spec.resources.get("default", "auto")))
-        res_cell, _, _ = resources_for(spec, "cell", rs)
-        fsdp = (isinstance(chosen, Resources) and chosen.workers > 1) or res_cell.workers > 1
+        if isinstance(chosen, Resources):
+            fsdp = chosen.workers > 1
+        else:  # auto: the cost model says whether the attack fits one GPU
+            fsdp = resources_for(spec, "cell", rs)[2]["auto_gpus"] > 1
         if fsdp:
             aid = f"attack:{cell.trial_id}"
             st = add(aid, "attack", rs, list(pre_deps), cell.trial_id, _cell_label(cell))

@@ -49,6 +49,7 @@ class CountingDefence(Defence):
         tag: str = "default"
         sleep_s: float = Field(0.0, ge=0)
         fail: Literal["never", "always", "once"] = "never"
+        fail_attack: bool = False  # raise in prepare_attack: the cell stage fails, the defence does not
         noise: float = 1e-3
 
     def apply(self, model, tokenizer, data, ctx):
@@ -70,6 +71,13 @@ class CountingDefence(Defence):
         ctx.stats["train"] = {"steps": 0, "tag": c.tag}
         with open(d / f"{c.tag}.trained", "a") as fh:
             fh.write(f"{os.getpid()} {time.time()}\n")
+        return model
+
+    def prepare_attack(self, model, tokenizer, ctx):
+        if self.config.fail_attack:
+            with open(counter_dir() / f"{self.config.tag}.attack_attempts", "a") as fh:
+                fh.write(f"{os.getpid()} {time.time()}\n")
+            raise RuntimeError(f"sweep_counting {self.config.tag}: injected attack failure")
         return model
 
 
@@ -140,3 +148,31 @@ try:
         DEFENCES.add(SFT_NAME, RefusalSFTDefence)
 except ValueError:
     pass
+
+
+# ---- FSDP without Ray (torch.multiprocessing, gloo) ----------------------------------------
+def fsdp_spawn_target(rank: int, world: int, port: int, config: dict, results: str) -> None:
+    """One rank of a 2-process gloo FSDP run of ``harness.fsdp.fsdp_worker``."""
+    import json
+
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        from harness.fsdp import fsdp_worker
+
+        out = fsdp_worker(config, rank, world, torch.device("cpu"))
+        Path(results, f"rank{rank}.json").write_text(json.dumps(out, default=str))
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

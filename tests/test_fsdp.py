@@ -1,0 +1,101 @@
+"""Multi-GPU trial training with FSDP (harness.fsdp), on CPU: gloo, 2 workers, the tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import sweep_support
+from harness.fsdp import shard_rows
+
+FIXTURES = Path(__file__).parent / "fixtures" / "sweeps"
+
+
+def test_shard_rows_keeps_the_global_batches():
+    rows = list(range(10))
+    a, b = shard_rows(rows, 2, 0, 4), shard_rows(rows, 2, 1, 4)
+    assert a == ([0, 1, 4, 5, 8], 2) and b == ([2, 3, 6, 7, 9], 2)
+    # every rank the same number of rows, global batches = slices of the one-GPU batches
+    for n in range(0, 23):
+        for world in (2, 3, 4):
+            shards = [shard_rows(list(range(n)), world, r, 8)[0] for r in range(world)]
+            assert len({len(s) for s in shards}) == 1
+            assert len(set().union(*map(set, shards))) == sum(map(len, shards))
+    assert shard_rows(list(range(6)), 4, 3, 2) == ([3], 1)  # batch < world: one row per rank
+
+
+def _spec(tiny_dir, extra=()):
+    from harness.config import resolve
+
+    sets = [f"{k}={v}" for k, v in sweep_support.FAST_SETS.items()]
+    return resolve("smoke", defence=sweep_support.SFT_NAME, model=str(tiny_dir),
+                   sets=sets + ["defence.samples=16", "defence.max_length=48", *extra])
+
+
+def test_fsdp_defence_on_two_gloo_workers_matches_one_process(tiny_dir, tmp_path, monkeypatch):
+    """Two FSDP ranks (each half of every global batch, gradients averaged) train the same
+    defence as one process does on whole batches; rank 0 saves a loadable, complete checkpoint."""
+    import torch
+    import torch.multiprocessing as mp
+    from transformers import AutoModelForCausalLM
+
+    from harness.checkpoints import is_complete, read_marker
+
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    spec = _spec(tiny_dir)
+    folder = tmp_path / "ck" / spec.defence_key()
+    config = {"kind": "defence", "spec": spec.model_dump(mode="json"), "output": str(tmp_path),
+              "storage": str(tmp_path / "ck"), "folder": str(folder), "plugins": ["sweep_support"]}
+    mp.spawn(sweep_support.fsdp_spawn_target, args=(2, sweep_support.free_port(), config, str(tmp_path)), nprocs=2)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert is_complete(folder)
+    meta = read_marker(folder)
+    assert meta["train"]["fsdp"] == {"workers": 2, "per_rank_batch": 2, "global_batch": 4, "configured_batch": 4,
+                                     "rows_per_rank": 8, "backend": "gloo"}
+    assert ranks[0]["train"]["steps"] == ranks[1]["train"]["steps"] == 4
+    fsdp = AutoModelForCausalLM.from_pretrained(folder)
+
+    # the same defence in one process, whole batches of 4
+    from harness.context import StageContext, seed_everything
+    from harness.models import load_model, resolve_source
+    from harness.trial import Components, prepare_data
+
+    comp = Components.build(spec)
+    source = resolve_source(spec.model)
+    model, tok, source = load_model(spec.model, source, torch.device("cpu"), torch.float32)
+    parts, _ = prepare_data(comp, model, tok, source, False)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    seed_everything(spec.seed)
+    ctx = StageContext("defence", seed=spec.seed, spec=spec, progress=False)
+    single = comp.defence.apply(model, tok, parts["defence"], ctx)
+    moved = diff = 0.0
+    for name, w in single.state_dict().items():
+        moved += float((w - base[name]).pow(2).sum())
+        diff += float((w - fsdp.state_dict()[name]).pow(2).sum())
+    assert moved > 0
+    print(f"FSDP vs one process: {(diff / moved) ** 0.5:.4f} of the update norm")
+    assert (diff / moved) ** 0.5 < 0.05, f"FSDP differs from one process by {(diff / moved) ** 0.5:.3f} of the update"
+
+
+@pytest.mark.slow
+def test_fsdp_stages_of_a_sweep_under_ray_train(tiny_dir, tmp_path, tmp_path_factory):
+    """A sweep whose defence and attack ask for 2 workers: both train as Ray Train jobs (gloo),
+    the cell scores the attacked model they saved, and the record says how it was trained."""
+    from harness.checkpoints import read_marker
+    from harness.scheduler import SweepRunner
+    from harness.store import ResultStore
+    from harness.sweep import build, load_sweep_spec
+
+    sweep_support.start_ray(tmp_path_factory.mktemp("ray-session"))
+    spec, preset, _ = load_sweep_spec(str(FIXTURES / "tiny_fsdp.yaml"))
+    sweep = build(spec, preset, output=str(tmp_path / "out"), models=[str(tiny_dir)])
+    assert sorted(s.kind for s in sweep.stages.values()) == ["attack", "cell", "defence", "pre_attack"]
+    summary = SweepRunner(sweep, progress=False).run()
+    assert summary["records"] == {"ok": 1}, summary
+    rec = ResultStore(sweep.output).load(sweep.cells[0].trial_id)
+    assert rec["train"]["attack"]["fsdp"]["workers"] == 2
+    assert rec["defence_checkpoint"]["reused"] is True
+    assert read_marker(Path(rec["defence_checkpoint"]["path"]))["train"]["fsdp"]["workers"] == 2
+    assert not (sweep.storage / "attacked" / sweep.cells[0].trial_id).exists()  # removed once scored
