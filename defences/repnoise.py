@@ -43,8 +43,8 @@ registered once per training run and removed on exit (``capture_mlp_outputs``); 
 yields the hidden states and the MLP outputs at once; the CE terms are computed only at the label
 positions that count, in chunks, by a fused linear + cross-entropy that never holds a
 (batch, seq, vocab) tensor; the MMD uses a Gram matrix in float64 and is recomputed in backward
-instead of being stored; the training step back-propagates the retain term before the harmful
-pass so the two graphs never coexist (the gradient is the sum of the same terms).
+instead of being stored; the training step back-propagates the harmful terms before the harmless
+pass runs, so the two graphs never coexist (the gradient is the sum of the same terms).
 """
 
 from __future__ import annotations
@@ -140,26 +140,37 @@ class _LinearCESum(torch.autograd.Function):
         gx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_x else None
         gw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if need_w else None
         gb = torch.zeros(bias.shape, dtype=torch.float32, device=x.device) if need_b else None
+        rows = min(rows, x.shape[0])
+        buf = torch.empty((rows, weight.shape[0]), dtype=torch.float32, device=x.device)  # reused per chunk
         for start in range(0, x.shape[0], rows):
             xc = x[start:start + rows].to(cdtype)
             lab = labels[start:start + rows]
-            logits = xc @ w.T
+            logp = buf[:xc.shape[0]]
+            if cdtype == torch.float32:
+                torch.matmul(xc, w.T, out=logp)
+            else:
+                logp.copy_(xc @ w.T)
             if b is not None:
-                logits = logits + b
-            logits = logits.float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, lab[:, None]).squeeze(1)).sum()
+                logp.add_(b)
+            torch.log_softmax(logp, dim=-1, out=logp)  # in place
+            total -= logp.gather(1, lab[:, None]).sum()
             if need_x or need_w or need_b:
-                grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                grad = logp.exp_()  # softmax, in place
                 grad[torch.arange(lab.shape[0], device=lab.device), lab] -= 1.0
                 if need_b:
                     gb += grad.sum(0)
-                grad = grad.to(cdtype)
+                g = grad if cdtype == torch.float32 else grad.to(cdtype)
                 if need_x:
-                    gx[start:start + rows] = (grad @ w).to(x.dtype)
+                    if gx.dtype == cdtype:
+                        torch.matmul(g, w, out=gx[start:start + rows])
+                    else:
+                        gx[start:start + rows] = (g @ w).to(x.dtype)
                 if need_w:
-                    gw += (grad.T @ xc).float()
-            del logits
+                    if cdtype == torch.float32:
+                        gw.addmm_(g.T, xc)
+                    else:
+                        gw.add_((g.T @ xc).float())
+        del buf
         ctx.save_for_backward(gx, gw, gb)
         ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
         return total
@@ -477,21 +488,21 @@ def repnoise_backward(model, harmful: dict, harmless: dict, *, alpha: float = 1.
                       variant: Variant = "reference", generator: Optional[torch.Generator] = None,
                       hooks: Optional[MLPCapture] = None, scale: float = 1.0, amp=None) -> dict[str, float]:
     """Forward and backward of ``scale * repnoise_loss(...).total`` with a lower memory peak:
-    the retain pass is back-propagated before the harmful pass runs (gradients add up to the
-    same total). Returns the loss and its parts as floats; a non-finite harmful term is not
-    back-propagated (the caller raises)."""
+    the harmful pass (noise and harmful terms) is back-propagated before the harmless pass runs,
+    so the two graphs never coexist (the gradients add up to the same total). Returns the loss
+    and its parts as floats; a non-finite part is not back-propagated (the caller raises)."""
     harmful, harmless, masks = _prepare(model, harmful, harmless, variant)
     amp = amp or contextlib.nullcontext
     with (contextlib.nullcontext(hooks) if hooks is not None else capture_mlp_outputs(model)) as h:
-        with amp():
-            retain = _retain_term(model, harmless, masks.harmless)
-        if torch.isfinite(retain.detach()):
-            (retain * scale).backward()
         with amp():
             harm, noise = _harmful_terms(model, harmful, masks, h, generator)
             rest = beta * noise - alpha * torch.log(harm)
         if torch.isfinite(rest.detach()):
             (rest * scale).backward()
+        with amp():
+            retain = _retain_term(model, harmless, masks.harmless)
+        if torch.isfinite(retain.detach()):
+            (retain * scale).backward()
     total = float(retain.detach()) + float(rest.detach())
     return {"loss": total, "retain": float(retain.detach()), "harmful": float(harm.detach()),
             "noise": float(noise.detach())}
