@@ -1,10 +1,12 @@
 """Sweep makespan against perfect packing: how well the scheduler keeps the (fake) GPUs busy.
 
 Runs a real sweep on a local Ray with ``--gpus`` fake GPUs (``num_gpus=N``; on CPU each stage
-trains and generates on the CPU) and ``--cpus`` CPUs: the tiny random Llama, defences ``none``
+trains and generates on the CPU) and ``--cpus`` CPUs: a small random Llama (4 layers, hidden 256,
+~3M parameters, so that stages do some work), defences ``none``
 and ``repnoise`` (really trained, on a few smoke pairs) x ``--lrs`` attack learning rates x
-``--sample-counts`` attack sample counts (default 2 x 2 x 2 = 8 cells: 1 defence training,
-2 pre-attack evaluations, 8 attacks + evaluations), every stage on one (fake) GPU.
+``--sample-counts`` attack sample counts (default 2 x 2 x 2 = 8 cells: 1 data stage that writes the
+missing answers/refusals, 1 defence training, 2 pre-attack evaluations, 8 attacks + evaluations),
+every stage on one (fake) GPU.
 
     makespan    = first stage start -> last stage end (the stages' own timestamps; the driver's
                   wall time, with Ray start-up, is reported separately)
@@ -38,9 +40,12 @@ def main(argv=None) -> int:
     ap.add_argument("--gpus", type=int, default=2, help="fake GPUs of the local Ray (default 2)")
     ap.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray (default 2)")
     ap.add_argument("--lrs", type=float, nargs="+", default=[3e-5, 8e-5])
-    ap.add_argument("--sample-counts", type=int, nargs="+", default=[16, 32])
-    ap.add_argument("--eval-samples", type=int, default=16)
-    ap.add_argument("--isolate", choices=["reuse", "process"], default="reuse")
+    ap.add_argument("--sample-counts", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--eval-samples", type=int, default=32)
+    ap.add_argument("--layers", type=int, default=4, help="layers of the random Llama (default 4)")
+    ap.add_argument("--hidden", type=int, default=256, help="hidden size of the random Llama (default 256)")
+    ap.add_argument("--isolate", choices=["reuse", "process", "both"], default="both",
+                    help="process: a fresh worker per stage (the default of real sweeps); reuse: warm workers")
     ap.add_argument("--workdir", help="keep the sweep here (default: a temporary folder)")
     ap.add_argument("--out", help="write the result JSON here")
     args = ap.parse_args(argv)
@@ -50,36 +55,52 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="sweep-makespan-"))
     work.mkdir(parents=True, exist_ok=True)
-    os.environ["HARNESS_CACHE"] = str(work / "cache")
 
     from harness.cli import setup_logging
-    from harness.scheduler import SweepRunner, connect
-    from harness.sweep import SweepSpec, build
     from harness.tiny import build_tiny
 
     setup_logging()
-    tiny = work / "tiny"
+    tiny = work / f"llama-{args.layers}x{args.hidden}"
     if not (tiny / "config.json").exists():
-        build_tiny(tiny, arch="llama")
+        build_tiny(tiny, arch="llama", layers=args.layers, hidden=args.hidden)
+    modes = ["process", "reuse"] if args.isolate == "both" else [args.isolate]
+    results = {mode: run_mode(args, mode, tiny, work) for mode in modes}
+    result = results if len(results) > 1 else next(iter(results.values()))
+    print(json.dumps(result, indent=2))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    return 0 if all(r["records"].get("ok") == r["cells"] for r in results.values()) else 1
+
+
+def run_mode(args, isolate: str, tiny: Path, work: Path) -> dict:
+    import ray
+
+    from harness.scheduler import SweepRunner, connect
+    from harness.sweep import SweepSpec, build
+
+    # a fresh cache: the data stage really generates the missing texts (workers inherit it from Ray)
+    os.environ["HARNESS_CACHE"] = str(work / f"cache-{isolate}-{int(time.time())}")
+    t0 = time.time()
+    connect(num_cpus=args.cpus, num_gpus=args.gpus)
+    ray_start = time.time() - t0
     spec = SweepSpec(
         preset="smoke", name="makespan",
         defences=["none", {"name": "repnoise", "samples": 16, "batch_size": 4, "max_length": 64}],
         attacks=["harmfulqa"], attack_lr=args.lrs, attack_samples=args.sample_counts,
         set={"eval.toxicity_scorer.name": "keyword_refusal", "eval.samples": args.eval_samples,
-             "eval.max_new_tokens": 16, "eval.batch_size": 8, "attack.max_length": 64, "attack.batch_size": 4,
-             "synth.max_new_tokens": 16},
-        retries=0, isolate=args.isolate, resources={"default": {"num_gpus": 1, "num_cpus": 1}})
-    out = work / f"results-{int(time.time())}"
+             "eval.max_new_tokens": 24, "eval.batch_size": 8, "attack.max_length": 64, "attack.batch_size": 4,
+             "synth.max_new_tokens": 24},
+        retries=0, isolate=isolate, resources={"default": {"num_gpus": 1, "num_cpus": 1}})
+    out = work / f"results-{isolate}-{int(time.time())}"
     sweep = build(spec, "smoke", output=str(out), models=[str(tiny)])
     n_cells = len(sweep.cells)
 
-    t0 = time.time()
-    connect(num_cpus=args.cpus, num_gpus=args.gpus)
-    ray_start = time.time() - t0
     runner = SweepRunner(sweep, progress=True)
     t1 = time.time()
     summary = runner.run()
     wall = time.time() - t1
+    ray.shutdown()
     stages = [s for s in runner.state["stages"].values() if s["status"] == "done"]
     start = min(s["started_at"] for s in stages)
     end = max(s["ended_at"] for s in stages)
@@ -90,18 +111,14 @@ def main(argv=None) -> int:
     for s in stages:
         by_kind.setdefault(s["kind"], []).append(s["seconds"])
     result = {
-        "cells": n_cells, "stages": len(stages), "gpus": args.gpus, "cpus": args.cpus, "isolate": args.isolate,
+        "cells": n_cells, "stages": len(stages), "gpus": args.gpus, "cpus": args.cpus, "isolate": isolate,
         "records": summary["records"], "makespan_s": round(makespan, 2), "ideal_s": round(ideal, 2),
         "ratio": round(makespan / ideal, 3), "driver_wall_s": round(wall, 2), "ray_start_s": round(ray_start, 2),
         "stage_seconds": {k: {"n": len(v), "mean": round(sum(v) / len(v), 2), "max": round(max(v), 2)}
                           for k, v in by_kind.items()},
         "critical_path_s": round(max(_chain(sweep, runner.state["stages"]).values()), 2),
     }
-    print(json.dumps(result, indent=2))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    return 0 if summary["records"].get("ok") == n_cells else 1
+    return result
 
 
 def _chain(sweep, stages) -> dict[str, float]:

@@ -88,6 +88,33 @@ def _require_checkpoint(spec, storage: Path) -> None:
                          "visible to every node (use --storage on a shared file system)")
 
 
+def stage_data(spec, output: Path, storage: Path, payload: dict) -> dict[str, Any]:
+    """Generate (and cache) the answers/refusals every data draw of the sweep lacks, with the base
+    model loaded once; the later stages then only read the cache."""
+    from harness import data as datamod
+    from harness.config import validate
+    from harness.models import load_model, pick_device, pick_dtype, resolve_source
+    from harness.trial import Components, prepare_data
+
+    specs = [spec] + [validate(s) for s in payload.get("more_specs") or []]
+    model = tok = source = None
+    completed = 0
+    for s in specs:
+        comp = Components.build(s)
+        reqs = comp.requests()
+        parts = datamod.draw(reqs, s.seed, s.disjoint)
+        if not any(n for r in reqs for n in datamod.missing(parts[r.role], r.needs).values()):
+            continue
+        if model is None:
+            device = pick_device(s.model)
+            model, tok, source = load_model(s.model, resolve_source(s.model), device, pick_dtype(s.model, device))
+        prepare_data(comp, model, tok, source, False)
+        completed += 1
+    atomic_write_json(marker_path(storage, _stage_of(payload, spec)), {"path": str(storage), "draws": len(specs),
+                                                                       "completed": completed})
+    return {"draws": len(specs), "completed": completed}
+
+
 def stage_defence(spec, output: Path, storage: Path, payload: dict) -> dict[str, Any]:
     from harness.trial import defend
 
@@ -157,7 +184,7 @@ def stage_defence_fsdp(spec, output: Path, storage: Path, payload: dict) -> dict
                       use_gpu=payload["use_gpu"], plugins=payload.get("plugins"))
 
 
-STAGES = {"defence": stage_defence, "base": stage_base, "pre_attack": stage_pre_attack, "cell": stage_cell,
+STAGES = {"data": stage_data, "defence": stage_defence, "base": stage_base, "pre_attack": stage_pre_attack, "cell": stage_cell,
           "attack": stage_attack}
 
 
@@ -351,6 +378,9 @@ class SweepRunner:
         self._last_state = 0.0
         self._last_progress = 0.0
         self._last_line = ""
+        self._drawn = 0
+        self._inflight: dict[Any, str] = {}
+        self.capacity = (0.0, 1.0)
 
     # ---- state -------------------------------------------------------------------------------
     def _init_state(self, finished: set[str], todo: set[str], address: Optional[str]) -> None:
@@ -443,23 +473,36 @@ class SweepRunner:
         return (f"[sweep {self.sweep.name}] " + " | ".join(parts) +
                 f" | {format_seconds(elapsed)} elapsed, ~{format_seconds(self.eta())} left")
 
+    def progress_block(self) -> list[str]:
+        """The live display on a terminal: one line per stage kind, then elapsed and time left."""
+        lines = []
+        for kind, k in self.counts().items():
+            lines.append(f"  {kind:<11} {k['done']:>4}/{k['total'] - k['skipped']:<4} done {k['running']:>3} running "
+                         f"{k['pending']:>4} pending {k['failed']:>3} failed")
+        elapsed = time.time() - self.state["driver"]["started_at"]
+        lines.append(f"[sweep {self.sweep.name}] {format_seconds(elapsed)} elapsed, ~{format_seconds(self.eta())} left")
+        return lines
+
     def show_progress(self, force: bool = False) -> None:
         if not self.progress:
             return
         now = time.time()
-        line = self.progress_line()
         if not force and now - self._last_progress < self.progress_interval:
             return
-        if not force and not self.tty and line.split(" | ")[:-1] == self._last_line.split(" | ")[:-1]:
+        if self.tty:
+            block = self.progress_block()
+            up = f"\x1b[{self._drawn}F" if self._drawn else ""
+            self.stream.write(up + "".join("\x1b[2K" + line + "\n" for line in block))
+            self._drawn = len(block)
+            self._last_progress = now
+            self.stream.flush()
             return
+        line = self.progress_line()
+        if not force and line.split(" | ")[:-1] == self._last_line.split(" | ")[:-1]:
+            return  # nothing changed but the clock
         self._last_progress = now
         self._last_line = line
-        if self.tty:
-            self.stream.write("\r\x1b[2K" + line)
-            if force:
-                self.stream.write("\n")
-        else:
-            self.stream.write(line + "\n")
+        self.stream.write(line + "\n")
         self.stream.flush()
 
     # ---- run -----------------------------------------------------------------------------
@@ -481,7 +524,6 @@ class SweepRunner:
                 self._loop(todo)
             except KeyboardInterrupt:
                 self.state["status"] = "interrupted"
-                self.write_state(force=True)
                 self._cancel_all()
                 raise
             finally:
@@ -534,6 +576,7 @@ class SweepRunner:
         remaining = set(todo)
         done: set[str] = set()
         inflight: dict[Any, str] = {}
+        self._inflight = inflight
         used = [0.0, 0.0]
         self.capacity = self._cluster_capacity()
         last_cap = time.time()
@@ -644,14 +687,18 @@ class SweepRunner:
             store.write(error_record(sw.cell(tid).spec, rec_status, err))
 
     def _cancel_all(self) -> None:
-        try:
-            import ray
+        """Ctrl-C: cancel the running stages (their partial outputs are never trusted: see resume)."""
+        import ray
 
-            for s in self.state.get("stages", {}).values():
-                if s["status"] == "running":
-                    s["status"] = "pending"
-        except Exception:  # pragma: no cover
-            pass
+        for ref in list(self._inflight):
+            try:
+                ray.cancel(ref, force=True)
+            except Exception:  # noqa: BLE001 - already finished or gone
+                pass
+        for s in self.state.get("stages", {}).values():
+            if s["status"] == "running":
+                s["status"] = "pending"
+        self.write_state(force=True)
 
     def summary(self) -> dict[str, Any]:
         from harness.store import ResultStore
@@ -703,6 +750,8 @@ def build_from_args(args):
         changes["retries"] = args.retries
     if args.gpu:
         changes["gpu"] = args.gpu
+    if args.isolate:
+        changes["isolate"] = args.isolate
     if changes:
         from harness.sweep import copy_spec
 
@@ -762,6 +811,8 @@ def register(sub) -> None:
     p.add_argument("--num-cpus", type=float, help="CPUs of a local Ray")
     p.add_argument("--retries", type=int, help="extra attempts of a failed stage (default: the sweep's, 2)")
     p.add_argument("--gpu", help="cost-model GPU profile (h100, a100-80, ...)")
+    p.add_argument("--isolate", choices=["process", "reuse"],
+                   help="process (default): a fresh worker per stage, so GPU memory goes back; reuse: warm workers")
     p.add_argument("--dry-run", action="store_true", help="print the DAG, its GPU hours and expected makespan; run nothing")
     p.add_argument("--json", action="store_true", help="with --dry-run: machine-readable plan")
     p.add_argument("--verbose-plan", action="store_true", help="with --dry-run: list every stage")

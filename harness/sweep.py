@@ -33,6 +33,8 @@ equals the id ``harness run`` gives the same choices (``Cell.argv`` holds that c
 
 Stages (the DAG)::
 
+    data:<h>-<h>      missing answers/refusals generated (and cached) once per base model, for every
+                      data draw of the sweep, before anything trains (no two stages race on the cache)
     base:<h>          extra evaluations of the base model (only with eval.extra and a real defence)
     defence:<key>     the defended checkpoint, once per spec.defence_key() (model, defence, its
                       config, seed, data); absent for `none`
@@ -58,7 +60,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from harness.config import RunSpec, format_validation_error, load_preset, parse_value, resolve
 from harness.errors import ConfigError
 
-STAGE_KINDS = ("base", "defence", "pre_attack", "attack", "cell")
+STAGE_KINDS = ("data", "base", "defence", "pre_attack", "attack", "cell")
 SWEEP_DIR = "_sweep"  # inside the results folder: state.json, plan.json, logs/, driver.lock
 
 
@@ -333,6 +335,7 @@ class Stage:
     estimate_detail: dict[str, Any] = field(default_factory=dict)
     label: str = ""
     rank: float = 0.0  # longest estimated path from this stage to the end (scheduling priority)
+    more_specs: list[RunSpec] = field(default_factory=list)  # data stage: one spec per distinct data draw
 
     @property
     def gpu_hours(self) -> float:
@@ -341,7 +344,8 @@ class Stage:
     def payload(self) -> dict[str, Any]:
         return {"id": self.id, "kind": self.kind, "spec": self.spec.model_dump(mode="json"),
                 "trial_id": self.spec.trial_id, "defence_key": self.spec.defence_key(),
-                "workers": self.resources.workers, "use_gpu": self.resources.num_gpus > 0}
+                "workers": self.resources.workers, "use_gpu": self.resources.num_gpus > 0,
+                "more_specs": [s.model_dump(mode="json") for s in self.more_specs]}
 
 
 @dataclass
@@ -484,27 +488,47 @@ def build(spec: SweepSpec, preset: str, *, output: Optional[str] = None, storage
             st.cells.append(trial_id)
         return st
 
+    # one data stage per base model: every distinct data draw of its cells
+    draws: dict[str, dict[str, RunSpec]] = {}
+    for cell in cells:
+        c = cell.spec.canonical()
+        draws.setdefault(_h({"model": c["model"], "synth": c["synth"]}), {}).setdefault(_draw_key(cell.spec),
+                                                                                         cell.spec)
+    data_ids = {mk: f"data:{mk}-{_h(sorted(group))}" for mk, group in draws.items()}
+
     for cell in cells:
         rs = cell.spec
         c = rs.canonical()
         deps: list[str] = []
         defended = rs.defence.name != "none"
+        mk = _h({"model": c["model"], "synth": c["synth"]})
+        data_id = data_ids[mk]
+        if data_id not in stages:
+            group = list(draws[mk].values())
+            st = add(data_id, "data", group[0], [], cell.trial_id, f"data {cell.labels['model']}")
+            st.more_specs = group[1:]
+            from harness.cost import data_estimate
+
+            est = data_estimate(group, spec.gpu)
+            st.estimate_s, st.estimate_detail = est.seconds, {**est.detail, "draws": len(group)}
+        else:
+            add(data_id, "data", rs, [], cell.trial_id, "")
         if rs.eval.extra and defended:
             bid = f"base:{_h({'model': c['model'], 'eval': c['eval'], 'synth': c['synth']})}"
-            add(bid, "base", rs, [], cell.trial_id, f"base {cell.labels['model']}")
+            add(bid, "base", rs, [data_id], cell.trial_id, f"base {cell.labels['model']}")
             deps.append(bid)
         dkey = rs.defence_key()
         pre_deps = []
         if defended:
             did = f"defence:{dkey}"
-            add(did, "defence", rs, [], cell.trial_id, f"{cell.labels['defence']} seed {cell.labels['seed']}")
+            add(did, "defence", rs, [data_id], cell.trial_id, f"{cell.labels['defence']} seed {cell.labels['seed']}")
             pre_deps.append(did)
         a = c["attack"]
         pre_h = _h({"eval": c["eval"], "eval_dataset": a.get("eval_dataset"), "attack": rs.attack.name,
                     "template": a.get("template"), "max_new": a.get("max_new_tokens"), "seed": c["seed"],
                     "disjoint": c["disjoint"]})
         pid = f"pre_attack:{dkey}:{pre_h}"
-        add(pid, "pre_attack", rs, list(pre_deps), cell.trial_id,
+        add(pid, "pre_attack", rs, list(pre_deps) or [data_id], cell.trial_id,
             f"{cell.labels['defence']} seed {cell.labels['seed']} {cell.labels['eval']}")
         deps.append(pid)
         chosen = spec.resources.get("attack", spec.resources.get("cell", spec.resources.get("default", "auto")))
@@ -514,7 +538,7 @@ def build(spec: SweepSpec, preset: str, *, output: Optional[str] = None, storage
             fsdp = resources_for(spec, "cell", rs)[2]["auto_gpus"] > 1
         if fsdp:
             aid = f"attack:{cell.trial_id}"
-            st = add(aid, "attack", rs, list(pre_deps), cell.trial_id, _cell_label(cell))
+            st = add(aid, "attack", rs, list(pre_deps) or [data_id], cell.trial_id, _cell_label(cell))
             if isinstance(chosen, Resources):
                 st.resources = chosen
             deps.append(aid)
@@ -527,6 +551,17 @@ def build(spec: SweepSpec, preset: str, *, output: Optional[str] = None, storage
     sweep = Sweep(sweep_name, preset, spec, cells, ordered, out, store)
     compute_ranks(sweep)
     return sweep
+
+
+def _draw_key(spec: RunSpec) -> str:
+    """What a cell's data draw depends on: seed, disjointness and each role's dataset, size, needs."""
+    from harness import data as datamod
+    from harness.config import attack_config, defence_config
+    from harness.registry import DEFENCES
+
+    reqs = datamod.requests_for(spec, DEFENCES.get(spec.defence.name), defence_config(spec), attack_config(spec))
+    return _h({"seed": spec.seed, "disjoint": spec.disjoint,
+               "requests": [(r.role, datamod.ref_key(r.ref), r.n, list(r.needs)) for r in reqs]})
 
 
 def _cell_label(cell: Cell) -> str:

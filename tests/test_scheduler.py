@@ -69,7 +69,7 @@ def test_sweep_2x3_trains_each_defence_once(ray_cluster, tiny_dir, tmp_path, cap
     _, summary = run(sweep)
     elapsed = time.time() - t0
     assert summary["records"] == {"ok": 6}, summary
-    assert summary["stages_run"] == {"defence": 2, "pre_attack": 2, "cell": 6}
+    assert summary["stages_run"] == {"data": 1, "defence": 2, "pre_attack": 2, "cell": 6}
     # each defence trained exactly once (counted by the defence itself)
     assert count("main-a") == 1 and count("main-b") == 1
     assert count("main-a", "attempts") == 1 and count("main-b", "attempts") == 1
@@ -87,11 +87,12 @@ def test_sweep_2x3_trains_each_defence_once(ray_cluster, tiny_dir, tmp_path, cap
     # stages really ran side by side on the 2 (fake) GPUs
     state = read_state(out)
     stages = [s for s in state["stages"].values() if s["status"] == "done"]
-    assert len(stages) == 10
+    assert len(stages) == 11
     assert overlaps([s for s in stages if s["kind"] == "defence"]), "the two defence trainings did not overlap"
     assert state["status"] == "finished" and state["counts"]["cell"]["done"] == 6
     err = capsys.readouterr().err
-    assert "[sweep tiny-2x3] defence 0/2 done" in err and "cell 6/6 done" in err and "left" in err
+    assert "[sweep tiny-2x3] data 0/1 done" in err and "| defence 0/2 done, 2 pending |" in err
+    assert "cell 6/6 done" in err and "left" in err
 
     # `harness status` reads the same folder
     from harness.cli import main
@@ -226,4 +227,4 @@ def test_process_isolation_gives_every_stage_a_fresh_worker(ray_cluster, tiny_di
     _, summary = run(sweep)
     assert summary["records"] == {"ok": 2}
     pids = [s["history"][-1]["pid"] for s in read_state(out)["stages"].values() if s["status"] == "done"]
-    assert len(pids) == 3 and len(set(pids)) == 3
+    assert len(pids) == 4 and len(set(pids)) == 4

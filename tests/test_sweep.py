@@ -100,9 +100,12 @@ def test_dag_shares_defence_and_pre_attack(tiny_dir, tmp_path):
     sweep = fixture_sweep("tiny_2x3.yaml", tiny_dir, tmp_path)
     kinds = [s.kind for s in sweep.stages.values()]
     assert kinds.count("defence") == 2 and kinds.count("pre_attack") == 2 and kinds.count("cell") == 6
+    assert kinds.count("data") == 1  # missing texts generated once, before anything trains
+    data = next(s for s in sweep.stages.values() if s.kind == "data")
+    assert len(data.cells) == 6 and data.more_specs == []  # all 6 cells draw the same data
     for st in sweep.stages.values():
         if st.kind == "defence":
-            assert len(st.cells) == 3 and st.deps == []
+            assert len(st.cells) == 3 and st.deps == [data.id]
             assert st.id == f"defence:{st.spec.defence_key()}"
         if st.kind == "pre_attack":
             assert len(st.deps) == 1 and sweep.stages[st.deps[0]].kind == "defence"
@@ -117,7 +120,7 @@ def test_dag_shares_defence_and_pre_attack(tiny_dir, tmp_path):
 
 
 def test_dag_none_extras_and_fsdp(tiny_dir, tmp_path):
-    spec = SweepSpec(preset="smoke", plugins=["sweep_support"], defences=["none", "sweep_counting"],
+    spec = SweepSpec(preset="smoke", plugins=["sweep_support"], defences=["none", "sweep_refusal_sft"],
                      attack_lr=[3e-5, 8e-5], set={**sweep_support.FAST_SETS, "eval.extra": ["trainability"]},
                      resources={"attack": {"num_gpus": 1, "workers": 2}})
     sweep = build(spec, "smoke", output=str(tmp_path), models=[str(tiny_dir)])
@@ -129,7 +132,8 @@ def test_dag_none_extras_and_fsdp(tiny_dir, tmp_path):
     assert len(kinds["base"][0].cells) == 2
     assert len(kinds["pre_attack"]) == 2
     none_pre = next(s for s in kinds["pre_attack"] if s.spec.defence.name == "none")
-    assert none_pre.deps == []
+    assert none_pre.deps == [kinds["data"][0].id]
+    assert len(kinds["data"]) == 1 and len(kinds["data"][0].more_specs) == 1  # none draws no defence data
     assert len(kinds["attack"]) == 4 and all(s.resources.workers == 2 for s in kinds["attack"])
     for cell in kinds["cell"]:
         deps = {sweep.stages[d].kind for d in cell.deps}
@@ -178,10 +182,10 @@ def test_scan_resumes_from_disk(tiny_dir, tmp_path):
 def test_simulated_makespan(tiny_dir, tmp_path):
     sweep = fixture_sweep("tiny_2x3.yaml", tiny_dir, tmp_path)
     durations = {sid: 10.0 for sid in sweep.stages}
-    # 2 defences || 2 pre-attacks || 6 cells on 2 GPUs: 10 + 10 + 30
-    assert simulate(sweep, 2, durations=durations) == pytest.approx(50.0)
-    assert simulate(sweep, 1, durations=durations) == pytest.approx(100.0)
-    assert simulate(sweep, 16, durations=durations) == pytest.approx(30.0)
+    # data, then 2 defences || 2 pre-attacks || 6 cells on 2 GPUs: 10 + 10 + 10 + 30
+    assert simulate(sweep, 2, durations=durations) == pytest.approx(60.0)
+    assert simulate(sweep, 1, durations=durations) == pytest.approx(110.0)
+    assert simulate(sweep, 16, durations=durations) == pytest.approx(40.0)
 
 
 def test_cost_model():
@@ -234,7 +238,7 @@ def test_dry_run(tiny_dir, tmp_path, capsys):
     rc = main(["sweep", str(FIXTURES / "tiny_2x3.yaml"), "--model", str(tiny_dir), "--output", str(out),
                "--dry-run", "--json"])
     plan = json.loads(capsys.readouterr().out)
-    assert plan["defence_trainings"] == 2 and plan["cells"] == 6 and len(plan["plan"]["stages"]) == 10
+    assert plan["defence_trainings"] == 2 and plan["cells"] == 6 and len(plan["plan"]["stages"]) == 11
 
 
 def test_paper_shaped_grid_dry_run(capsys):
@@ -254,3 +258,32 @@ def test_paper_shaped_grid_dry_run(capsys):
     plan = json.loads(capsys.readouterr().out)
     assert plan["stages"]["attack"]["total"] == 72  # 7B attacks need FSDP on 40 GB cards
     assert any(r.startswith("2x") or r.startswith("3x") for r in plan["stages"]["attack"]["resources"])
+
+
+def test_progress_display(tiny_dir, tmp_path):
+    import io
+
+    from harness.scheduler import SweepRunner
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    sweep = fixture_sweep("tiny_2x3.yaml", tiny_dir, tmp_path)
+    finished, todo = sweep.scan()
+    for stream, tty in ((Tty(), True), (io.StringIO(), False)):
+        runner = SweepRunner(sweep, stream=stream, progress_interval=0.0)
+        runner._init_state(finished, todo, None)
+        runner.capacity = (2.0, 2.0)
+        runner.show_progress(force=True)
+        next(s for s in runner.state["stages"].values() if s["kind"] == "data")["status"] = "running"
+        runner.show_progress()
+        text = stream.getvalue()
+        if tty:  # one live line per stage kind, redrawn in place
+            assert "\x1b[5F" in text and text.count("\x1b[2K") == 10
+            assert "  defence        0/2    done   0 running    2 pending   0 failed" in text
+            assert "0 running    1 pending" in text and "1 running    0 pending" in text
+        else:  # a log line whenever the counts change
+            lines = text.splitlines()
+            assert len(lines) == 2 and lines[1].startswith("[sweep tiny-2x3] data 0/1 done, 1 running | defence 0/2")
+        assert "left" in text
