@@ -263,7 +263,8 @@ def execute_stage(payload: dict, output: str, storage: str, plugins: list[str], 
             if payload["kind"] == "defence" and payload.get("workers", 1) > 1:
                 func = stage_defence_fsdp
             try:
-                out["result"] = func(spec, Path(output), Path(storage), payload)
+                with scorer_services(payload.get("scorer_services") or {}):
+                    out["result"] = func(spec, Path(output), Path(storage), payload)
             except DivergedError as exc:
                 out["status"] = "diverged"
                 out["error"] = {"type": "DivergedError", "stage": exc.stage, "step": exc.step, "loss": str(exc.loss),
@@ -282,6 +283,104 @@ def execute_stage(payload: dict, output: str, storage: str, plugins: list[str], 
     out["ended_at"] = time.time()
     out["seconds"] = round(out["ended_at"] - started, 3)
     return out
+
+
+# =============================================================================================
+# API scorers: one CPU-only Ray actor per scorer for the whole sweep
+# =============================================================================================
+API_SCORERS = ("perspective",)  # besides any metric class with ``remote = True``
+
+
+def is_api_scorer(name: str) -> bool:
+    from harness.registry import METRICS
+
+    return name in API_SCORERS or bool(getattr(METRICS.get(name), "remote", False))
+
+
+def scorer_key(name: str, params: dict[str, Any]) -> str:
+    import hashlib
+
+    blob = json.dumps({"name": name, **params}, sort_keys=True, default=str)
+    return f"{name}|{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+
+
+def cell_scorer(spec) -> tuple[str, dict[str, Any]]:
+    """The text scorer a cell uses (as ``Components.scorer`` picks it) and its validated params."""
+    from harness.config import scorer_config
+    from harness.registry import ATTACKS
+
+    key = "toxicity_scorer" if ATTACKS.get(spec.attack.name).evaluation == "toxicity" else "harm_scorer"
+    scorer = getattr(spec.eval, key)
+    return scorer.name, scorer_config(scorer, f"eval.{key}").model_dump(mode="json")
+
+
+class ScorerService:
+    """An API scorer (Perspective) shared by every stage of a sweep, as a Ray actor without GPU:
+    one client-side rate limit for the whole cluster (N concurrent stages must not each send
+    ``qps`` requests per second), one on-disk cache, one API client. Stages call it through a
+    proxy class that replaces the scorer in the registry while the stage runs."""
+
+    def __init__(self, name: str, params: dict[str, Any], plugins: list[str]):
+        from harness.registry import METRICS
+        from harness.sweep import import_plugins
+
+        import_plugins(plugins)
+        cls = METRICS.get(name)
+        self.scorer = cls(cls.Config(**params))
+        self.ready = False
+
+    def score(self, prompts: list[str], generations: list[str]):
+        if not self.ready:
+            self.scorer.check_ready()
+            self.ready = True
+        stats = getattr(self.scorer, "stats", None)
+        before = dict(stats) if isinstance(stats, dict) else {}
+        scores = self.scorer.score(prompts, generations)
+        after = getattr(self.scorer, "stats", None)
+        delta = {k: v - before.get(k, 0) for k, v in (after or {}).items() if isinstance(v, (int, float))}
+        return scores, delta, os.getpid()
+
+
+def _proxy_score(self, prompts, generations):
+    import ray
+
+    handle = type(self)._harness_services.get(scorer_key(self.registry_name, self.config.model_dump(mode="json")))
+    if handle is None:  # a configuration the sweep did not plan for: score here
+        return super(type(self), self).score(prompts, generations)
+    scores, delta, pid = ray.get(handle.score.remote(list(prompts), list(generations)))
+    stats = getattr(self, "stats", None)
+    if isinstance(stats, dict):
+        for k, v in delta.items():
+            stats[k] = stats.get(k, 0) + v
+    self.scored_by_pid = pid
+    return scores
+
+
+class scorer_services:
+    """While a stage runs, the registry's API scorers score through the sweep's scorer services."""
+
+    def __init__(self, services: dict[str, Any]):
+        self.services = services
+        self.swapped: dict[str, Any] = {}
+
+    def __enter__(self):
+        from harness.registry import METRICS
+
+        for name in sorted({k.split("|")[0] for k in self.services}):
+            real = METRICS.get(name)
+            proxy = type(real.__name__, (real,), {"score": _proxy_score, "_harness_services": self.services,
+                                                  "__module__": real.__module__, "__doc__": real.__doc__})
+            proxy.registry_name = name
+            self.swapped[name] = real
+            METRICS._items[name] = proxy  # restored on exit; the registry has no public replace
+        return self
+
+    def __exit__(self, *exc):
+        from harness.registry import METRICS
+
+        for name, real in self.swapped.items():
+            METRICS._items[name] = real
+        return False
 
 
 # =============================================================================================
@@ -551,6 +650,7 @@ class SweepRunner:
         self.attempts[stage.id] = attempt
         payload = stage.payload()
         payload["plugins"] = list(sw.spec.plugins)
+        payload["scorer_services"] = self._services_for(stage)
         if stage.kind == "cell" and any(sw.stages[d].kind == "attack" for d in stage.deps):
             payload["attacked_from"] = str(attacked_folder(sw.storage, stage.spec.trial_id))
             payload["keep_attacked"] = self.keep_attacked
@@ -569,8 +669,36 @@ class SweepRunner:
         s.update(status="running", attempts=attempt, started_at=time.time(), ended_at=None, error=None)
         return ref
 
+    def _start_services(self, todo: set[str]) -> None:
+        """One CPU-only actor per API scorer (and configuration) that a stage to run will call."""
+        import ray
+
+        self.services: dict[str, Any] = {}
+        if not self.sweep.spec.scorer_service:
+            return
+        for sid in todo:
+            st = self.sweep.stages[sid]
+            if st.kind not in ("pre_attack", "cell"):
+                continue
+            name, params = cell_scorer(st.spec)
+            key = scorer_key(name, params)
+            if key in self.services or not is_api_scorer(name):
+                continue
+            actor = ray.remote(num_cpus=0, num_gpus=0, max_concurrency=1)(ScorerService)
+            self.services[key] = actor.options(name=f"scorer-{key}-{os.getpid()}"[:120]).remote(
+                name, params, list(self.sweep.spec.plugins))
+            log.info("API scorer %s: one CPU-only Ray actor scores for every stage (one rate limit)", key)
+
+    def _services_for(self, stage: Stage) -> dict[str, Any]:
+        if stage.kind not in ("pre_attack", "cell") or not getattr(self, "services", None):
+            return {}
+        key = scorer_key(*cell_scorer(stage.spec))
+        return {key: self.services[key]} if key in self.services else {}
+
     def _loop(self, todo: set[str]) -> None:
         import ray
+
+        self._start_services(todo)
 
         sw = self.sweep
         remaining = set(todo)

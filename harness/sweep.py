@@ -26,6 +26,8 @@ A sweep file (``harness sweep SPEC.yaml``) or the ``sweep:`` section of a preset
       default: auto                #   {num_gpus, num_cpus, memory_gb, workers}; workers > 1 trains with FSDP
       defence: {num_gpus: 1}
     isolate: process               # process: every stage in a fresh worker (frees GPU memory); reuse: gc only
+    scorer_service: true           # API scorers (Perspective) score in one CPU-only Ray actor for the whole
+                                   #   sweep: one rate limit and cache (the calling stage waits for it)
 
 Every cell is made by ``harness.config.resolve`` from the base preset, ``--defence/--attack/
 --model/--seed`` and ``--set`` strings, exactly as ``harness run`` makes it, so a cell's trial id
@@ -144,6 +146,7 @@ class SweepSpec(BaseModel):
     gpu: str = "h100"
     resources: dict[str, Union[str, Resources]] = Field(default_factory=dict)
     isolate: str = "process"
+    scorer_service: bool = True  # API scorers (Perspective) run in one CPU-only actor with one rate limit
 
     @field_validator("isolate")
     @classmethod

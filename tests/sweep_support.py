@@ -18,13 +18,14 @@ from typing import Literal
 
 from pydantic import Field
 
-from harness.components import ComponentConfig, DatasetRef, Defence, TrainConfig
-from harness.registry import DEFENCES
+from harness.components import ComponentConfig, DatasetRef, Defence, TextScorer, TrainConfig
+from harness.registry import DEFENCES, METRICS
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 NAME = "sweep_counting"
 SFT_NAME = "sweep_refusal_sft"
+API_NAME = "sweep_api_scorer"
 
 # settings that make one tiny cell take a few seconds (used with the smoke preset)
 FAST_SETS = {"eval.toxicity_scorer.name": "keyword_refusal", "eval.samples": 4, "eval.max_new_tokens": 6,
@@ -86,6 +87,38 @@ try:
     if NAME not in DEFENCES:
         DEFENCES.add(NAME, CountingDefence)
 except ValueError:  # the module imported under a second name: keep the first registration
+    pass
+
+
+class CountingApiScorer(TextScorer):
+    """Test-only stand-in for an API scorer (``remote = True``): a constant score; every call
+    appends the scoring process's pid to ``$SWEEP_TEST_DIR/api_scorer.pids``."""
+
+    kind = "harm"
+    remote = True
+
+    class Config(ComponentConfig):
+        value: float = 0.5
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.stats = {"requests": 0}
+
+    def score(self, prompts, generations):
+        counter_dir().mkdir(parents=True, exist_ok=True)
+        with open(counter_dir() / "api_scorer.pids", "a") as fh:
+            fh.write(f"{os.getpid()}\n")
+        self.stats["requests"] += len(generations)
+        return [self.config.value] * len(generations)
+
+    def provenance(self):
+        return {"scorer": self.registry_name, "requests": self.stats["requests"]}
+
+
+try:
+    if API_NAME not in METRICS:
+        METRICS.add(API_NAME, CountingApiScorer)
+except ValueError:
     pass
 
 

@@ -147,6 +147,27 @@ def test_failing_stages_are_retried_then_recorded(ray_cluster, tiny_dir, tmp_pat
     assert by_label["sweep_counting[fail=once,tag=f-flaky] seed 0"]["status"] == "done"
 
 
+def test_api_scorer_scores_in_one_cpu_actor(ray_cluster, tiny_dir, tmp_path):
+    """Every stage's API scoring goes to one CPU-only Ray actor (one rate limit for the sweep)."""
+    pids_file = sweep_support.counter_dir() / "api_scorer.pids"
+    pids_file.unlink(missing_ok=True)
+    out = tmp_path / "out"
+    sweep = make_sweep(tiny_dir, out, defences=["none"], attack_lr=[3e-5, 8e-5],
+                       set={**sweep_support.FAST_SETS, "eval.harm_scorer": {"name": sweep_support.API_NAME}})
+    _, summary = run(sweep)
+    assert summary["records"] == {"ok": 2}
+    store = ResultStore(out)
+    for cell in sweep.cells:
+        rec = store.load(cell.trial_id)
+        post = rec["scores"]["post_attack"]["harmfulness"]
+        assert post["mean"] == 0.5 and post["scorer"] == {"scorer": sweep_support.API_NAME, "requests": 4}
+        assert rec["scores"]["pre_attack"]["harmfulness"]["mean"] == 0.5
+    scorer_pids = set(pids_file.read_text().split())
+    stage_pids = {str(h["pid"]) for s in read_state(out)["stages"].values() for h in s.get("history", [])}
+    assert len(scorer_pids) == 1 and not scorer_pids & stage_pids  # 3 scoring calls, one actor, not a stage
+    assert len(pids_file.read_text().split()) == 3  # 1 pre-attack + 2 post-attack evaluations
+
+
 def _kill_yaml(tmp_path: Path) -> Path:
     data = yaml.safe_load((FIXTURES / "tiny_2x3.yaml").read_text())
     data.update(name="tiny-kill", isolate="reuse", plugins=["sweep_support"],

@@ -287,3 +287,37 @@ def test_progress_display(tiny_dir, tmp_path):
             lines = text.splitlines()
             assert len(lines) == 2 and lines[1].startswith("[sweep tiny-2x3] data 0/1 done, 1 running | defence 0/2")
         assert "left" in text
+
+
+def test_paper_preset_sweep_section(tmp_path, capsys):
+    """`harness sweep --preset paper`: the paper's grid, every defence trained once per seed."""
+    import yaml
+
+    from harness.config import PRESET_DIR
+    from harness.registry import DEFENCES
+
+    preset = yaml.safe_load((PRESET_DIR / "paper.yaml").read_text())
+    section = preset.get("sweep") or yaml.safe_load((FIXTURES / "paper_sweep_section.yaml").read_text())["sweep"]
+    registered = [d for d in section["defences"] if (d if isinstance(d, str) else d["name"]) in DEFENCES.names()]
+    section = {**section, "defences": registered}
+    path = tmp_path / "paper.yaml"
+    path.write_text(yaml.safe_dump({**preset, "sweep": section}, sort_keys=False))
+    spec, base, _ = load_sweep_spec(None, str(path))
+    sweep = build(spec, base, output=str(tmp_path / "out"))
+    n_def = len(registered)
+    trained = [d for d in registered if (d if isinstance(d, str) else d["name"]) != "none"]
+    assert len(sweep.cells) == n_def * 3 * 2 * 6
+    assert sorted({c.spec.canonical()["attack"]["lr"] for c in sweep.cells}) == [3e-5, 6e-5, 8e-5]
+    assert sorted({c.spec.canonical()["attack"]["samples"] for c in sweep.cells}) == [1000, 10000]
+    assert sorted({c.spec.seed for c in sweep.cells}) == [0, 1, 2, 3, 24, 48]
+    assert {c.spec.model.id for c in sweep.cells} == {"meta-llama/Llama-2-7b-chat-hf"}
+    assert sum(s.kind == "defence" for s in sweep.stages.values()) == len(trained) * 6
+    assert all(len(s.cells) == 6 for s in sweep.stages.values() if s.kind == "defence")  # 3 lrs x 2 sizes
+    for cell in sweep.cells[:3]:  # the ids `harness run --preset paper ...` gives
+        from harness.cli import build_parser, spec_from_args
+
+        argv = ["run", *cell.argv]
+        argv[argv.index("--preset") + 1] = str(path)
+        assert spec_from_args(build_parser().parse_args(argv)).trial_id == cell.trial_id
+    summary = sweep.summary(gpus=8)
+    assert summary["gpu_hours_to_run"] > 0 and summary["expected_makespan_s"] > 0
