@@ -190,7 +190,7 @@ def _chunk_rows(vocab: int, chunk_elements: int) -> int:
 
 
 def linear_ce_sum(x: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, *,
-                  transform=None, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+                  transform=None, chunk_elements: Optional[int] = None) -> torch.Tensor:
     """Sum over rows of CE(transform(head(x_i)), label_i) without materialising all the logits.
 
     A plain ``nn.Linear`` head without ``transform`` takes the fused path; anything else is
@@ -199,8 +199,8 @@ def linear_ce_sum(x: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, 
     """
     if x.shape[0] == 0:  # nothing counts: 0 (the caller's 0 / 0 gives the reference's NaN)
         return (x.sum() * 0.0).float()
-    vocab = _vocab_size(head)
-    rows = _chunk_rows(vocab, chunk_elements)
+    vocab = _vocab_size(head, probe=x)
+    rows = _chunk_rows(vocab, chunk_elements or CHUNK_ELEMENTS)
     if isinstance(head, torch.nn.Linear) and transform is None:
         cd = _compute_dtype(x.device, head.weight)
         return _LinearCESum.apply(x, head.weight, head.bias, labels, rows, cd)
@@ -217,13 +217,16 @@ def linear_ce_sum(x: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, 
     return total
 
 
-def _vocab_size(head: torch.nn.Module) -> int:
+def _vocab_size(head: torch.nn.Module, probe: Optional[torch.Tensor] = None) -> int:
     weight = getattr(head, "weight", None)
     if weight is not None and weight.dim() == 2:
         return int(weight.shape[0])
     out = getattr(head, "out_features", None)
     if out:
         return int(out)
+    if probe is not None and probe.shape[0] > 0:
+        with torch.no_grad():
+            return int(head(probe[:1]).shape[-1])
     raise UnsupportedArchitecture(f"cannot tell the vocabulary size of the LM head {type(head).__name__}")
 
 
