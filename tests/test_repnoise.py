@@ -329,3 +329,23 @@ def test_corrected_variant_trains(tiny):
     ctx = StageContext(stage="defence", progress=False)
     RepNoise(RepNoise.Config(samples=4, batch_size=2, lr=1e-3, variant="corrected")).apply(model, tok, examples(4), ctx)
     assert ctx.stats["train"]["steps"] == 2
+
+
+def test_low_precision_paths_stay_close(tiny):
+    """bf16 autocast (as on GPU) and a bf16 model take the mixed-precision branches of the fused
+    CE and the MMD; the value stays near the float32 one and the gradients are finite."""
+    model, tok = tiny
+    (harmful, harmless), = make_paired_batches(tok, EXAMPLES, 8, 64)
+    exact = float(repnoise_loss(model, harmful, harmless, beta=0.0).total.detach())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = repnoise_loss(model, harmful, harmless, beta=0.5, generator=torch.Generator().manual_seed(0))
+    mixed.total.backward()
+    assert float(mixed.total.detach()) - 0.5 * float(mixed.noise.detach()) == pytest.approx(exact, rel=3e-2)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    model.zero_grad(set_to_none=True)
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    out = repnoise_loss(half, harmful, harmless, beta=0.5, generator=torch.Generator().manual_seed(0))
+    out.total.backward()
+    assert float(out.total.detach()) - 0.5 * float(out.noise.detach()) == pytest.approx(exact, rel=3e-2)
+    assert all(p.grad.dtype == torch.bfloat16 and torch.isfinite(p.grad).all()
+               for p in half.parameters() if p.grad is not None)
