@@ -51,6 +51,7 @@ FRACTIONAL_BELOW = 1.5e9  # models this small may share a GPU
 FSDP_EFFICIENCY = 0.85  # throughput per GPU under FSDP relative to one GPU
 PROMPT_TOKENS = 64  # typical formatted prompt length at evaluation
 
+ADAPTER_DEFENCES = {"security_vectors"}  # train a LoRA adapter only: no gradients/Adam state for the weights
 DEFENCE_FACTORS = {"none": 0.0, "random_init": 0.0, "repnoise": 3.0, "repnoise_corrected": 2.5,
                    "adversarial": 2.0, "vaccine": 2.0, "gradient_ascent": 1.5, "safety_training": 1.0,
                    "security_vectors": 0.7}
@@ -163,6 +164,15 @@ def _train_cfg(cfg) -> tuple[int, int, int, int]:
             int(getattr(cfg, "epochs", 1) or 1), int(getattr(cfg, "batch_size", 1) or 1))
 
 
+def _defence_cls(spec):
+    from harness.registry import DEFENCES
+
+    try:
+        return DEFENCES.get(spec.defence.name)
+    except Exception:  # noqa: BLE001
+        return None
+
+
 def defence_factor(name: str) -> float:
     from harness.registry import DEFENCES
 
@@ -208,7 +218,22 @@ def fsdp_gpus(state_gb: float, act_gb: float, profile: GpuProfile) -> int:
     return max(2, math.ceil(state_gb / room))
 
 
-def _eval_seconds(spec, attack_cfg, shape: ModelShape, b: int, profile: GpuProfile) -> tuple[float, float]:
+def _extras(spec, phase: Optional[str]) -> int:
+    """How many extra evaluations run in ``phase`` (None: all, as on the base model)."""
+    from harness.registry import METRICS
+
+    n = 0
+    for name in spec.eval.extra:
+        try:
+            phases = getattr(METRICS.get(name), "phases", ("pre_attack", "post_attack"))
+        except Exception:  # noqa: BLE001
+            phases = ("pre_attack", "post_attack")
+        n += phase is None or phase in phases
+    return n
+
+
+def _eval_seconds(spec, attack_cfg, shape: ModelShape, b: int, profile: GpuProfile,
+                  phase: Optional[str] = None) -> tuple[float, float]:
     """(seconds, KV-cache memory GB) of one pre- or post-attack evaluation."""
     n = spec.eval.samples
     bs = spec.eval.batch_size
@@ -222,7 +247,7 @@ def _eval_seconds(spec, attack_cfg, shape: ModelShape, b: int, profile: GpuProfi
         qps = scorer.params().get("qps")
         if scorer.name == "perspective":
             score = max(score, n / float(qps or 1.0))
-    extras = len(spec.eval.extra) * EXTRA_EVAL_S * shape.params / 7e9 * (989 / profile.tflops) ** 0.5
+    extras = _extras(spec, phase) * EXTRA_EVAL_S * shape.params / 7e9 * (989 / profile.tflops) ** 0.5
     return decode + prefill + score + extras, infer_memory_gb(shape, b, bs, PROMPT_TOKENS + max_new)
 
 
@@ -241,10 +266,12 @@ def estimate(kind: str, spec, gpu: str = "h100", workers: Optional[int] = None) 
     detail: dict[str, float] = {"load_s": load, "params": shape.params}
     a_cfg = attack_config(spec)
 
-    def train(cfg, factor: float) -> tuple[float, float, int]:
+    def train(cfg, factor: float, adapter: bool = False) -> tuple[float, float, int]:
         samples, length, epochs, batch = _train_cfg(cfg)
         tokens = samples * length * epochs
         state, act = train_memory_gb(shape, b, batch, length, factor)
+        if adapter:  # frozen weights, a small adapter: no weight gradients or Adam moments
+            state = shape.params * b / 1e9
         n = workers or (fsdp_gpus(state, act, profile) if profile.tflops > 1 else 1)
         eff = 1.0 if n <= 1 else FSDP_EFFICIENCY
         secs = 6 * shape.params * tokens * factor / (profile.tflops * 1e12 * profile.mfu * n * eff)
@@ -253,7 +280,8 @@ def estimate(kind: str, spec, gpu: str = "h100", workers: Optional[int] = None) 
 
     if kind == "defence":
         factor = defence_factor(spec.defence.name)
-        secs, mem, n = train(defence_config(spec), factor) if factor else (0.0, 0.0, 1)
+        adapter = spec.defence.name in ADAPTER_DEFENCES or bool(getattr(_defence_cls(spec), "adapter_only", False))
+        secs, mem, n = train(defence_config(spec), factor, adapter) if factor else (0.0, 0.0, 1)
         save = shape.params * b / SAVE_BPS
         total = load + secs + save
         gpus = gpus_for(mem, shape, profile) if n == 1 else float(n)
@@ -264,7 +292,7 @@ def estimate(kind: str, spec, gpu: str = "h100", workers: Optional[int] = None) 
         gpus = gpus_for(mem, shape, profile) if n == 1 else float(n)
         return Estimate(load + secs + save, gpus, mem, {**detail, "save_s": save})
     if kind in ("pre_attack", "post_attack"):
-        secs, mem = _eval_seconds(spec, a_cfg, shape, b, profile)
+        secs, mem = _eval_seconds(spec, a_cfg, shape, b, profile, kind)
         detail["eval_s"] = secs
         return Estimate(load + secs, gpus_for(mem, shape, profile), mem, detail)
     if kind == "data":
@@ -278,7 +306,7 @@ def estimate(kind: str, spec, gpu: str = "h100", workers: Optional[int] = None) 
         return Estimate(load + secs, gpus_for(mem, shape, profile), mem, {**detail, "eval_s": secs})
     if kind == "cell":
         secs, mem, n = train(a_cfg, 1.0)
-        ev, ev_mem = _eval_seconds(spec, a_cfg, shape, b, profile)
+        ev, ev_mem = _eval_seconds(spec, a_cfg, shape, b, profile, "post_attack")
         mem = max(mem, ev_mem)
         gpus = gpus_for(mem, shape, profile) if n == 1 else float(n)
         return Estimate(load + secs + ev, gpus, mem, {**detail, "eval_s": ev})

@@ -56,20 +56,29 @@ def shard_rows(rows: Sequence[Any], world: int, rank: int, batch_size: int) -> t
     return out, b
 
 
-def check_supported(comp, kind: str) -> None:
+def unsupported_reason(kind: str, spec) -> Optional[str]:
+    """Why ``kind`` ("defence" or "attack") of ``spec`` cannot train with FSDP, or None."""
     from harness.components import Defence
+    from harness.config import attack_config
+    from harness.registry import DEFENCES
 
-    d = type(comp.defence)
+    d = DEFENCES.get(spec.defence.name)
     if kind == "defence" and d.save_defended is not Defence.save_defended:
-        raise FSDPError(f"defence {comp.spec.defence.name!r} saves its own checkpoint format (save_defended); "
-                        "FSDP training supports defences saved as a full model only: give it workers: 1")
+        return (f"defence {spec.defence.name!r} saves its own checkpoint format (save_defended); FSDP training "
+                "supports defences saved as a full model only")
     if kind == "attack" and (d.prepare_attack is not Defence.prepare_attack or d.prepare_eval is not Defence.prepare_eval
                              or d.load_defended is not Defence.load_defended):
-        raise FSDPError(f"defence {comp.spec.defence.name!r} wraps the model for the attack (prepare_attack/"
-                        "prepare_eval/load_defended); FSDP attacks support plain defended models only: give the "
-                        "attack workers: 1")
-    if kind == "attack" and getattr(comp.attack.config, "lora", None):
-        raise FSDPError("attack.lora with FSDP is not supported: a LoRA attack fits one GPU (workers: 1)")
+        return (f"defence {spec.defence.name!r} wraps the model for the attack (prepare_attack/prepare_eval/"
+                "load_defended); FSDP attacks support plain defended models only")
+    if kind == "attack" and getattr(attack_config(spec), "lora", None):
+        return "attack.lora with FSDP is not supported (a LoRA attack fits one GPU)"
+    return None
+
+
+def check_supported(comp, kind: str) -> None:
+    reason = unsupported_reason(kind, comp.spec)
+    if reason:
+        raise FSDPError(f"{reason}: give this stage workers: 1")
 
 
 def wrap(model) -> Any:

@@ -480,6 +480,7 @@ class SweepRunner:
         self._drawn = 0
         self._inflight: dict[Any, str] = {}
         self.capacity = (0.0, 1.0)
+        self.joined = False
 
     # ---- state -------------------------------------------------------------------------------
     def _init_state(self, finished: set[str], todo: set[str], address: Optional[str]) -> None:
@@ -619,6 +620,7 @@ class SweepRunner:
                 log.info("sweep %s: all %d cells already finished", sw.name, len(sw.cells))
                 return self.summary()
             started_ray = connect(address, num_cpus, num_gpus, log_to_driver=log_to_driver)
+            self.joined = bool(address or os.environ.get("RAY_ADDRESS"))
             try:
                 self._loop(todo)
             except KeyboardInterrupt:
@@ -708,6 +710,12 @@ class SweepRunner:
         used = [0.0, 0.0]
         self.capacity = self._cluster_capacity()
         last_cap = time.time()
+        if self.capacity[0] == 0 and not self.joined and any(sw.stages[s].resources.num_gpus for s in remaining):
+            log.warning("this machine has no GPU (and no --num-gpus): every stage runs on the CPU")
+            for sid in remaining:
+                st = sw.stages[sid]
+                st.resources = st.resources.model_copy(update={"num_gpus": 0.0})
+                self.state["stages"][sid]["gpus"] = 0.0
         warned: set[str] = set()
         self.write_state(force=True)
         self.show_progress(force=True)

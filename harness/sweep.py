@@ -539,6 +539,8 @@ def build(spec: SweepSpec, preset: str, *, output: Optional[str] = None, storage
             fsdp = chosen.workers > 1
         else:  # auto: the cost model says whether the attack fits one GPU
             fsdp = resources_for(spec, "cell", rs)[2]["auto_gpus"] > 1
+        if fsdp and _no_fsdp(spec, "attack", rs):
+            fsdp = False
         if fsdp:
             aid = f"attack:{cell.trial_id}"
             st = add(aid, "attack", rs, list(pre_deps) or [data_id], cell.trial_id, _cell_label(cell))
@@ -550,10 +552,30 @@ def build(spec: SweepSpec, preset: str, *, output: Optional[str] = None, storage
         if fsdp:  # the cell is then only the post-attack evaluation on one GPU
             res, secs, detail = resources_for(spec, "post_attack", rs)
             st.resources, st.estimate_s, st.estimate_detail = res, secs, detail
+    for st in stages.values():  # a defence that cannot train with FSDP keeps one GPU (and may not fit)
+        if st.kind == "defence" and st.resources.workers > 1 and _no_fsdp(spec, "defence", st.spec):
+            st.resources = st.resources.model_copy(update={"workers": 1, "num_gpus": 1.0})
     ordered = {sid: stages[sid] for kind in STAGE_KINDS for sid in stages if stages[sid].kind == kind}
     sweep = Sweep(sweep_name, preset, spec, cells, ordered, out, store)
     compute_ranks(sweep)
     return sweep
+
+
+_WARNED: set[tuple[str, str]] = set()
+
+
+def _no_fsdp(sweep_spec: SweepSpec, kind: str, rs: RunSpec) -> bool:
+    """True (with one warning per defence) when ``kind`` of ``rs`` cannot train with FSDP."""
+    import logging
+
+    from harness.fsdp import unsupported_reason
+
+    reason = unsupported_reason(kind, rs)
+    if reason and (kind, rs.defence.name) not in _WARNED:
+        _WARNED.add((kind, rs.defence.name))
+        logging.getLogger("harness.sweep").warning("%s stages of %s: %s; they get one GPU each", kind,
+                                                   rs.defence.name, reason)
+    return reason is not None
 
 
 def _draw_key(spec: RunSpec) -> str:

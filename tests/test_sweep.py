@@ -321,3 +321,16 @@ def test_paper_preset_sweep_section(tmp_path, capsys):
         assert spec_from_args(build_parser().parse_args(argv)).trial_id == cell.trial_id
     summary = sweep.summary(gpus=8)
     assert summary["gpu_hours_to_run"] > 0 and summary["expected_makespan_s"] > 0
+
+
+def test_fsdp_only_where_the_defence_allows_it():
+    """A 7B attack does not fit a 40 GB card: FSDP attack stages, except after a defence that wraps
+    the model for the attack (it keeps one GPU, with a warning)."""
+    spec = SweepSpec(preset="smoke", plugins=["sweep_support"], models=["meta-llama/Llama-2-7b-chat-hf"],
+                     defences=["none", "sweep_counting"], gpu="a100-40",
+                     set={"model.dtype": "bfloat16", "attack.samples": 1000, "attack.max_length": 256})
+    sweep = build(spec, "smoke", output="/tmp/unused")
+    attacks = [s for s in sweep.stages.values() if s.kind == "attack"]
+    assert [s.spec.defence.name for s in attacks] == ["none"] and attacks[0].resources.workers >= 2
+    counting_cell = next(s for s in sweep.stages.values() if s.kind == "cell" and s.spec.defence.name != "none")
+    assert counting_cell.resources.workers == 1 and all(not d.startswith("attack:") for d in counting_cell.deps)
