@@ -21,7 +21,7 @@ from harness.secrets import redact
 log = logging.getLogger("harness")
 
 # Modules that add sub-commands through ``register(subparsers)``.
-COMMAND_MODULES: list[str] = ["leaderboards.cli", "harness.scheduler", "harness.status"]
+COMMAND_MODULES: list[str] = ["leaderboards.cli", "harness.scheduler", "harness.status", "harness.analysis"]
 
 
 def setup_logging(verbose: bool = False) -> None:
