@@ -7,7 +7,8 @@ workers (``TorchTrainer``; NCCL on GPUs, gloo on CPU), each of which
 
 1. loads the starting model (the base model for a defence, the defended checkpoint for an attack)
    and draws the same data as ``run_trial`` (rank 0 first, so only it generates missing texts),
-2. shards it with PyTorch FSDP2 (``fully_shard`` on every decoder layer, then on the model),
+2. shards it with PyTorch FSDP2 (``fully_shard`` on every decoder layer, the embeddings, the final
+   norm and the LM head, then on the model; see ``wrap``),
 3. trains on its slice of every global batch: the global batch of ``batch_size`` rows is split into
    ``world`` consecutive slices of ``batch_size // world`` rows, so the optimiser sees the same
    batches as on one GPU (if ``batch_size`` is not a multiple of ``world`` the global batch becomes
@@ -82,14 +83,39 @@ def check_supported(comp, kind: str) -> None:
 
 
 def wrap(model) -> Any:
-    """FSDP2: shard every decoder layer, then the rest of the model."""
+    """FSDP2: shard every decoder layer, the input embeddings, the final norm and the LM head as
+    units of their own, then the model. Own units matter for defences that call parts of the model
+    outside its forward (RepNoise runs the decoder body and applies ``lm_head(final_norm(h))`` per
+    layer): each unit gathers its weights when called. Tied input/output embeddings stay in the
+    root unit (they cannot be split), so such a defence needs untied embeddings under FSDP."""
     from torch.distributed.fsdp import fully_shard
 
-    from harness.layers import decoder_layers
+    from harness.layers import decoder_layers, final_norm, lm_head
 
     for layer in decoder_layers(model):
         fully_shard(layer)
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    if not tied:
+        emb, head = model.get_input_embeddings(), [final_norm(model), lm_head(model)]
+        for part in [emb, *head]:
+            if part is not None and any(True for _ in part.parameters()):
+                fully_shard(part)
+        units = [h for h in head if h is not None and hasattr(h, "unshard")]
+
+        def gather_head(module, args):  # the head's weights may be read directly (fused logit lens)
+            for unit in units:
+                unit.unshard()
+
+        emb.register_forward_pre_hook(gather_head)
     fully_shard(model)
+    # One forward through the whole model makes it FSDP's root, with every unit in its state; else a
+    # defence that calls only the decoder body makes the embeddings a root of their own, and after
+    # backward the head's gradients (read directly, outside any forward) are never reduced.
+    import torch
+
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device))
     return model
 
 

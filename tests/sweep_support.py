@@ -184,12 +184,19 @@ except ValueError:
 
 
 # ---- FSDP without Ray (torch.multiprocessing, gloo) ----------------------------------------
-def fsdp_spawn_target(rank: int, world: int, port: int, config: dict, results: str) -> None:
-    """One rank of a 2-process gloo FSDP run of ``harness.fsdp.fsdp_worker``."""
+def fsdp_spawn_target(rank: int, world: int, port: int, config: dict, results: str, same_rows: bool = False) -> None:
+    """One rank of a 2-process gloo FSDP run of ``harness.fsdp.fsdp_worker``. ``same_rows``: every
+    rank trains on all rows (in slices of batch // world), so the averaged gradient equals the
+    one-process gradient on those slices (an exact check for defences that shuffle their data)."""
     import json
 
     import torch
     import torch.distributed as dist
+
+    if same_rows:
+        import harness.fsdp
+
+        harness.fsdp.shard_rows = lambda rows, world, rank, batch: (list(rows), max(1, batch // world))
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)

@@ -26,56 +26,69 @@ def test_shard_rows_keeps_the_global_batches():
     assert shard_rows(list(range(6)), 4, 3, 2) == ([3], 1)  # batch < world: one row per rank
 
 
-def _spec(tiny_dir, extra=()):
+def _spec(tiny_dir, extra=(), defence=sweep_support.SFT_NAME):
     from harness.config import resolve
 
     sets = [f"{k}={v}" for k, v in sweep_support.FAST_SETS.items()]
-    return resolve("smoke", defence=sweep_support.SFT_NAME, model=str(tiny_dir),
+    return resolve("smoke", defence=defence, model=str(tiny_dir),
                    sets=sets + ["defence.samples=16", "defence.max_length=48", *extra])
 
 
-def test_fsdp_defence_on_two_gloo_workers_matches_one_process(tiny_dir, tmp_path, monkeypatch):
-    """Two FSDP ranks (each half of every global batch, gradients averaged) train the same
-    defence as one process does on whole batches; rank 0 saves a loadable, complete checkpoint."""
+@pytest.mark.parametrize("defence", [sweep_support.SFT_NAME, "repnoise"])
+def test_fsdp_defence_on_two_gloo_workers_matches_one_process(defence, tiny_dir, tmp_path, monkeypatch):
+    """Two FSDP ranks train the same defence as one process does; rank 0 saves a loadable,
+    complete checkpoint. The SFT defence takes each rank's half of every global batch; RepNoise
+    (which shuffles its data and reads the LM head's weight directly in its fused logit lens) gets
+    the same rows on both ranks, so the averaged gradient equals one process's on the half batches."""
     import torch
     import torch.multiprocessing as mp
     from transformers import AutoModelForCausalLM
 
     from harness.checkpoints import is_complete, read_marker
+    from harness.registry import DEFENCES
 
+    if defence not in DEFENCES:
+        pytest.skip(f"{defence} not registered")
     monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
-    spec = _spec(tiny_dir)
+    same_rows = defence != sweep_support.SFT_NAME
+    batch = 8 if same_rows else 4  # RepNoise: half batches of 4 (it diverges on the tiny model at 2)
+    spec = _spec(tiny_dir, defence=defence, extra=[f"defence.batch_size={batch}"])
     folder = tmp_path / "ck" / spec.defence_key()
     config = {"kind": "defence", "spec": spec.model_dump(mode="json"), "output": str(tmp_path),
               "storage": str(tmp_path / "ck"), "folder": str(folder), "plugins": ["sweep_support"]}
-    mp.spawn(sweep_support.fsdp_spawn_target, args=(2, sweep_support.free_port(), config, str(tmp_path)), nprocs=2)
+    mp.spawn(sweep_support.fsdp_spawn_target, args=(2, sweep_support.free_port(), config, str(tmp_path), same_rows),
+             nprocs=2)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert is_complete(folder)
     meta = read_marker(folder)
-    assert meta["train"]["fsdp"] == {"workers": 2, "per_rank_batch": 2, "global_batch": 4, "configured_batch": 4,
-                                     "rows_per_rank": 8, "backend": "gloo"}
+    assert meta["train"]["fsdp"]["workers"] == 2 and meta["train"]["fsdp"]["global_batch"] == batch
+    assert meta["train"]["fsdp"]["per_rank_batch"] == batch // 2 and meta["train"]["fsdp"]["backend"] == "gloo"
     assert ranks[0]["train"]["steps"] == ranks[1]["train"]["steps"] == 4
     fsdp = AutoModelForCausalLM.from_pretrained(folder)
 
-    # the same defence in one process, whole batches of 4
+    # the same defence in one process: whole batches of 4 (SFT) or the same half batches (RepNoise)
     from harness.context import StageContext, seed_everything
     from harness.models import load_model, resolve_source
     from harness.trial import Components, prepare_data
 
     comp = Components.build(spec)
+    if same_rows:
+        comp.defence.config = comp.defence.config.model_copy(update={"batch_size": batch // 2})
     source = resolve_source(spec.model)
     model, tok, source = load_model(spec.model, source, torch.device("cpu"), torch.float32)
     parts, _ = prepare_data(comp, model, tok, source, False)
     base = {k: v.clone() for k, v in model.state_dict().items()}
     seed_everything(spec.seed)
     ctx = StageContext("defence", seed=spec.seed, spec=spec, progress=False)
-    single = comp.defence.apply(model, tok, parts["defence"], ctx)
+    single = comp.defence.apply(model, tok, parts["defence"], ctx.child("defence"))
     moved = diff = 0.0
     for name, w in single.state_dict().items():
         moved += float((w - base[name]).pow(2).sum())
         diff += float((w - fsdp.state_dict()[name]).pow(2).sum())
+        if name.startswith(("lm_head", "model.norm", "model.embed_tokens")):  # the units RepNoise reads directly
+            assert not torch.equal(fsdp.state_dict()[name], base[name]), f"{name} was not trained under FSDP"
     assert moved > 0
-    print(f"FSDP vs one process: {(diff / moved) ** 0.5:.4f} of the update norm")
+    print(f"FSDP vs one process ({defence}): {(diff / moved) ** 0.5:.4f} of the update norm")
     assert (diff / moved) ** 0.5 < 0.05, f"FSDP differs from one process by {(diff / moved) ** 0.5:.3f} of the update"
 
 
@@ -91,7 +104,7 @@ def test_fsdp_stages_of_a_sweep_under_ray_train(tiny_dir, tmp_path, tmp_path_fac
     sweep_support.start_ray(tmp_path_factory.mktemp("ray-session"))
     spec, preset, _ = load_sweep_spec(str(FIXTURES / "tiny_fsdp.yaml"))
     sweep = build(spec, preset, output=str(tmp_path / "out"), models=[str(tiny_dir)])
-    assert sorted(s.kind for s in sweep.stages.values()) == ["attack", "cell", "defence", "pre_attack"]
+    assert sorted(s.kind for s in sweep.stages.values()) == ["attack", "cell", "data", "defence", "pre_attack"]
     summary = SweepRunner(sweep, progress=False).run()
     assert summary["records"] == {"ok": 1}, summary
     rec = ResultStore(sweep.output).load(sweep.cells[0].trial_id)
