@@ -689,4 +689,4 @@ def plan_json(sweep: Sweep, todo: Optional[set[str]] = None) -> dict[str, Any]:
 def copy_spec(spec: SweepSpec, **changes: Any) -> SweepSpec:
     data = copy.deepcopy(spec.model_dump())
     data.update(changes)
-    return SweepSpec(**data)
+    return _validate_spec(data, "sweep")
