@@ -17,6 +17,9 @@ that cluster (the storage folder must then be visible to every node).
 * Resume: a stage runs only if an unfinished cell needs it and its output is not on disk (records
   by trial id, checkpoints with their ``.complete`` marker, pre-attack score files); every file is
   written atomically, so a driver killed at any point leaves nothing a later run would trust.
+* API scorers (Perspective, or a metric with ``remote = True``): one CPU-only Ray actor per scorer
+  and configuration scores for every stage of the sweep, so the whole cluster keeps one client-side
+  rate limit and one cache (the calling stage waits for its scores; see ``ScorerService``).
 * Progress: a live line per stage kind (done / running / pending / failed, time left) on stderr,
   and ``OUTPUT/_sweep/state.json`` (atomic, at most once a second) for ``harness status OUTPUT``.
   Each stage's log goes to ``OUTPUT/_sweep/logs/<stage>.log``.
