@@ -11,17 +11,15 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import socket
 from dataclasses import asdict, dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Optional
-from urllib.parse import urlparse
 
 import torch
 
 from harness.config import EMBEDDED_MODEL, ModelSpec
 from harness.errors import ModelUnavailableError
+from harness.network import hub_reachable  # noqa: F401  (re-exported: loaders import it from here)
 
 log = logging.getLogger(__name__)
 
@@ -43,19 +41,6 @@ class ModelSource:
 
 def cache_root() -> Path:
     return Path(os.environ.get("HARNESS_CACHE", Path.home() / ".cache" / "harness"))
-
-
-@lru_cache(maxsize=1)
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Fast check (one TCP connect) instead of letting the hub client retry for ~50 s."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return False
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-    try:
-        with socket.create_connection((host, 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def _in_hf_cache(repo_id: str) -> Optional[str]:

@@ -28,16 +28,13 @@ how to provide the model, instead of waiting through the hub client's retries.
 from __future__ import annotations
 
 import logging
-import os
-import socket
-import threading
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
-from urllib.parse import urlparse
 
 import torch
 from pydantic import Field
 
+from harness.network import host_reachable, hub_endpoint, hub_offline  # noqa: F401 (re-exported)
 from harness.components import ComponentConfig, TextScorer
 from harness.errors import ConfigError, ModelUnavailableError
 from harness.registry import METRICS
@@ -48,43 +45,12 @@ PAPER_CLASSIFIER = "domenicrosati/deberta-v3-xsmall-beavertails-harmful-qa-class
 
 
 # ---- helpers shared with the other model-based scorers ---------------------------------------
-def _truthy(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def hub_offline() -> bool:
-    """True when the user told the Hugging Face libraries not to touch the network."""
-    return _truthy("HF_HUB_OFFLINE") or _truthy("TRANSFORMERS_OFFLINE")
 
 
-def host_reachable(url: str, timeout: float = 2.0) -> bool:
-    """Fast TCP reachability check of ``url``'s host (through ``HTTPS_PROXY`` when one is set).
-
-    Runs in a daemon thread so a hanging DNS lookup cannot block longer than ``timeout`` + 1 s.
-    """
-    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
-    target = urlparse(proxy if proxy else url)
-    host = target.hostname
-    port = target.port or (443 if (target.scheme or "https") == "https" else 80)
-    if not host:
-        return False
-    result: list[bool] = []
-
-    def probe() -> None:
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            result.append(True)
-        except OSError:
-            result.append(False)
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout + 1.0)
-    return bool(result and result[0])
 
 
-def hub_endpoint() -> str:
-    return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
 
 
 def resolve_device(device: str) -> torch.device:

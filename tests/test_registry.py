@@ -50,9 +50,13 @@ def test_decorator_and_duplicate():
 def test_component_added_by_installed_package_via_entry_point(tmp_path):
     """pip-installs examples/plugin_defence into a target folder and runs `harness list` and a
     dry run with it on the path: the defence appears without any change to this repository."""
+    import shutil
+
     target = tmp_path / "site"
+    source = tmp_path / "plugin_defence"  # build from a copy: the source tree stays clean
+    shutil.copytree(ROOT / "examples" / "plugin_defence", source)
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(ROOT / "examples" / "plugin_defence")], check=True)
+                    "--target", str(target), str(source)], check=True)
     env = {**os.environ, "PYTHONPATH": f"{target}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     out = subprocess.run([sys.executable, "-m", "harness.cli", "list"], env=env, capture_output=True, text=True,
                          check=True).stdout

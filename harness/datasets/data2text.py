@@ -28,16 +28,13 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
-import socket
-import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, ClassVar, Optional
-from urllib.parse import urlparse
 
 from pydantic import Field
 
+from harness.network import host_reachable, hub_endpoint, truthy_env
 from harness.components import ComponentConfig, DatasetLoader, Example
 from harness.errors import DataError
 from harness.registry import DATASETS
@@ -127,34 +124,10 @@ def group_by_input(examples: list[Example]) -> list[Example]:
     return [Example(prompt=mr, response=refs[0], meta={"references": refs}) for mr, refs in merged.items()]
 
 
-def _truthy(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def hub_endpoint() -> str:
-    return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
 
 
-def host_reachable(url: str, timeout: float = 2.0) -> bool:
-    """TCP connect to ``url``'s host (or the HTTPS proxy) within ``timeout``; DNS hangs are cut off."""
-    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
-    target = urlparse(proxy or url)
-    if not target.hostname:
-        return False
-    port = target.port or (443 if (target.scheme or "https") == "https" else 80)
-    result: list[bool] = []
-
-    def probe() -> None:
-        try:
-            socket.create_connection((target.hostname, port), timeout=timeout).close()
-            result.append(True)
-        except OSError:
-            result.append(False)
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout + 1.0)
-    return bool(result and result[0])
 
 
 class Data2Text(DatasetLoader):
@@ -218,7 +191,7 @@ class Data2Text(DatasetLoader):
 
     def _hub_rows(self) -> list[dict]:
         hub_id = self.config.hub_id or self.HUB_ID
-        offline = _truthy("HF_DATASETS_OFFLINE") or _truthy("HF_HUB_OFFLINE")
+        offline = truthy_env("HF_DATASETS_OFFLINE") or truthy_env("HF_HUB_OFFLINE")
         if not offline and not host_reachable(hub_endpoint()):
             raise DataError(f"dataset {self.registry_name}: the hub ({hub_endpoint()}) is unreachable, so "
                             f"{hub_id!r} cannot be loaded; set path=FOLDER holding {self.config.split}.csv "

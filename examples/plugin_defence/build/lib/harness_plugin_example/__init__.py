@@ -1,1 +1,0 @@
-"""An example defence shipped by another package and found through the ``harness.defences`` entry point."""
