@@ -10,7 +10,11 @@ the way BeaverTails answers do. Each implementation runs in its own subprocess, 
 memory is that process's max RSS (``resource.getrusage``); the noise generator is seeded
 identically, so the first-step losses must agree.
 
-    python benchmarks/repnoise_step.py --out results/repnoise_step.json [--steps 2]
+    python benchmarks/repnoise_step.py --out results/repnoise_step.json [--steps 3] [--rounds 2]
+
+Step time is the fastest timed step (each run's first step is warm-up), pooled over ``--rounds``
+runs per implementation that alternate between implementations, so a busy machine slows both
+alike; the CPU seconds of the step (all threads) are reported beside the wall time.
 """
 
 from __future__ import annotations
@@ -229,11 +233,27 @@ def run_impl(impl: str, args) -> dict:
         return json.loads(res.read_text())
 
 
+def _merge(runs: list[dict]) -> dict:
+    """One record per implementation over its runs: losses of the first run, timed steps (each
+    run's steps after its first) pooled, the largest max RSS."""
+    out = dict(runs[0])
+    out["timed_step_s"] = [t for r in runs for t in (r["step_s"][1:] or r["step_s"])]
+    out["timed_step_cpu_s"] = [t for r in runs for t in (r["step_cpu_s"][1:] or r["step_cpu_s"])]
+    out["max_rss_mb"] = max(r["max_rss_mb"] for r in runs)
+    out["max_rss_mb_per_run"] = [r["max_rss_mb"] for r in runs]
+    out["step_s_per_run"] = [r["step_s"] for r in runs]
+    out["step_cpu_s_per_run"] = [r["step_cpu_s"] for r in runs]
+    out["losses_per_run"] = [r["losses"] for r in runs]
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", help="write the JSON results here")
-    p.add_argument("--steps", type=int, default=4,
-                   help="steps per implementation; step time = the fastest step after the first (warm-up)")
+    p.add_argument("--steps", type=int, default=3,
+                   help="steps per run; step time = the fastest step after each run's first (warm-up)")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="runs per implementation, alternating between implementations (robust to a busy machine)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--impls", default="straightforward,fast,plain_sft",
@@ -245,22 +265,26 @@ def main(argv=None) -> int:
         worker(args.worker, args.steps, args.batch, args.tokens, args.result)
         return 0
     impls = [i.strip() for i in args.impls.split(",") if i.strip()]
-    results = {impl: run_impl(impl, args) for impl in impls}
+    rounds = {impl: [] for impl in impls}
+    for _ in range(args.rounds):
+        for impl in impls:
+            rounds[impl].append(run_impl(impl, args))
+    results = {impl: _merge(runs) for impl, runs in rounds.items()}
     base = results.get("straightforward")
     print(f"\nRepNoise step on SmolLM2-135M, batch {args.batch} x {args.tokens} tokens, CPU "
-          f"({next(iter(results.values()))['threads']} threads), step time = fastest of steps 2..{args.steps}")
+          f"({next(iter(results.values()))['threads']} threads); step time = fastest timed step of {args.rounds} "
+          f"alternating runs x steps 2..{args.steps}")
     print(f"{'implementation':<20}{'first loss':>14}{'rel diff':>11}{'step s':>9}{'x time':>8}{'cpu s':>8}"
           f"{'x cpu':>7}{'max RSS MB':>12}{'x RSS':>7}")
     summary = {}
     for impl, r in results.items():
-        timed = r["step_s"][1:] or r["step_s"]
-        timed_cpu = r["step_cpu_s"][1:] or r["step_cpu_s"]
+        timed, timed_cpu = r["timed_step_s"], r["timed_step_cpu_s"]
         row = {"first_loss": r["losses"][0], "step_s": min(timed), "step_cpu_s": min(timed_cpu),
                "step_s_median": statistics.median(timed), "max_rss_mb": r["max_rss_mb"]}
         if base is not None:
             row["loss_rel_diff"] = abs(r["losses"][0] - base["losses"][0]) / abs(base["losses"][0])
-            row["time_ratio"] = row["step_s"] / min(base["step_s"][1:] or base["step_s"])
-            row["cpu_time_ratio"] = row["step_cpu_s"] / min(base["step_cpu_s"][1:] or base["step_cpu_s"])
+            row["time_ratio"] = row["step_s"] / min(base["timed_step_s"])
+            row["cpu_time_ratio"] = row["step_cpu_s"] / min(base["timed_step_cpu_s"])
             row["rss_ratio"] = r["max_rss_mb"] / base["max_rss_mb"]
         summary[impl] = row
         rel = f"{row['loss_rel_diff']:.1e}" if "loss_rel_diff" in row and impl != "plain_sft" else "-"
