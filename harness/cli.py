@@ -50,6 +50,8 @@ def add_spec_args(p: argparse.ArgumentParser, require_components: bool = False) 
     p.add_argument("--model", help="Hugging Face model id or local folder; default: the preset's")
     p.add_argument("--preset", default="smoke", help="preset name (smoke, paper) or YAML file; default smoke")
     p.add_argument("--seed", type=int, help="random seed; default: the preset's")
+    p.add_argument("--eval", dest="evals", metavar="NAMES",
+                   help="extra evaluations, comma-separated (capability, trainability); same as --set eval.extra=...")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a dotted key of the resolved spec, e.g. attack.lr=3e-5 (repeatable)")
 
@@ -57,8 +59,9 @@ def add_spec_args(p: argparse.ArgumentParser, require_components: bool = False) 
 def spec_from_args(args):
     from harness.config import resolve
 
+    sets = list(args.sets) + ([f"eval.extra={args.evals}"] if getattr(args, "evals", None) else [])
     return resolve(args.preset, defence=args.defence, attack=args.attack, model=args.model, seed=args.seed,
-                   sets=args.sets)
+                   sets=sets)
 
 
 def plan(spec) -> dict[str, Any]:
@@ -122,14 +125,23 @@ def summary_text(rec: dict[str, Any]) -> str:
             if isinstance(val, dict) and "mean" in val:
                 lines.append(f"  {phase:<11} {name:<12} mean {val['mean']:.3f}  frac>0.5 {val['frac_harmful']:.3f}  "
                              f"n={val['n']}  scorer={val.get('scorer', {}).get('scorer')}")
+            elif isinstance(val, dict) and isinstance(val.get("tasks"), dict):  # capability (lm-eval)
+                tasks = "  ".join(f"{t} {row['score']:.3f}" for t, row in val["tasks"].items()
+                                  if isinstance(row, dict) and isinstance(row.get("score"), (int, float)))
+                lines.append(f"  {phase:<11} {name:<12} {tasks}")
             elif isinstance(val, dict):
-                compact = {k: v for k, v in val.items() if isinstance(v, (int, float)) and k != "seconds"}
+                compact = {k: v for k, v in val.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                           and k != "seconds"}
                 if compact:
                     lines.append(f"  {phase:<11} {name:<12} " + "  ".join(f"{k} {v:.3f}" for k, v in compact.items()))
     crit = rec.get("criteria") or {}
     if "resistance" in crit:
         r = crit["resistance"]
         lines.append(f"  resistance: {r['metric']} {r['pre_attack_mean']:.3f} -> {r['post_attack_mean']:.3f}")
+    if (crit.get("stability") or {}).get("mean_gain") is not None:
+        lines.append(f"  stability: capability change vs base {crit['stability']['mean_gain']:+.3f} (mean over tasks)")
+    if crit.get("trainability"):
+        lines.append("  trainability vs base: " + "  ".join(f"{k} {v:+.3f}" for k, v in crit["trainability"].items()))
     if rec.get("timings"):
         lines.append(f"  time: {rec['timings'].get('total_s')} s")
     return "\n".join(lines)

@@ -301,11 +301,9 @@ def validate(data: dict[str, Any]) -> RunSpec:
             METRICS.get(fallback)
     for name in spec.eval.extra:
         METRICS.get(name)
-    unknown = sorted(set(spec.eval.params) - set(spec.eval.extra))
-    if unknown:
-        raise ConfigError(f"field 'eval.params': parameters for {', '.join(unknown)} which is not in "
-                          f"eval.extra ({', '.join(spec.eval.extra) or 'empty'})")
-    for name in spec.eval.extra:
+    # parameters may be given for evaluations that are not switched on (a preset's settings for
+    # `--eval capability`), but each must name a registered evaluation and validate
+    for name in sorted(set(spec.eval.extra) | set(spec.eval.params)):
         cls = METRICS.get(name)
         try:
             cls.Config(**spec.eval.params.get(name, {}))

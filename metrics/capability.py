@@ -122,6 +122,9 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+BUNDLED_TASKS = Path(__file__).parent / "lm_eval_tasks"
+
+
 @METRICS.register("capability")
 class Capability(Evaluation):
     """lm-eval benchmarks (TruthfulQA, MMLU, HellaSwag, WinoGrande, ARC, ETHICS, CrowS-Pairs) on the in-memory model."""
@@ -161,8 +164,8 @@ class Capability(Evaluation):
         for p in paths:
             if not Path(p).expanduser().is_dir():
                 raise ConfigError(f"capability.include_path: {p!r} is not a folder")
-        if not self.config.include_defaults and not paths:
-            raise ConfigError("capability.include_defaults=false needs include_path (no tasks otherwise)")
+        # the harness's own offline tasks (smoke_arith) are always indexable
+        paths.append(str(BUNDLED_TASKS))
         return TaskManager(include_path=[str(Path(p).expanduser()) for p in paths] or None,
                            include_defaults=self.config.include_defaults)
 

@@ -134,3 +134,42 @@ def test_profanity_check_scores_offensive_text_higher():
     scorer = METRICS.get("profanity_check")()
     clean, rude, empty = scorer.score(["p"] * 3, ["have a lovely day", "shut up you stupid fucking idiot", ""])
     assert rude > 0.9 and clean < 0.2 and empty == 0.0
+
+
+def test_smoke_run_with_capability_and_trainability(tiny_dir, tmp_path, isolated_cache, capsys):
+    """`--eval capability,trainability` on the smoke preset: both land in the record and the CLI
+    summary, for the defended model, and the criteria compare them with the base model."""
+    import pathlib
+
+    if not (pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "viggo").exists():
+        pytest.skip("shared data not present")
+    from harness.components import Defence
+    from harness.registry import DEFENCES
+
+    class Scale(Defence):
+        """Test defence: scales the LM head (changes capability without training)."""
+
+        needs_data = False
+
+        def apply(self, model, tokenizer, data, ctx):
+            import torch
+
+            with torch.no_grad():
+                model.get_output_embeddings().weight.mul_(0.5)
+            return model
+
+    DEFENCES.add("test_scale_head", Scale)
+    args = ["run", "--defence", "test_scale_head", "--attack", "harmfulqa", "--model", str(tiny_dir), "--output",
+            str(tmp_path / "r"), "--no-progress", "--eval", "capability,trainability",
+            "--set", "eval.params.trainability.samples=8", "--set", "eval.params.trainability.eval_samples=4",
+            "--set", "eval.params.trainability.max_new_tokens=8"] + [x for s in FAST for x in ("--set", s)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "capability" in out and "trainability" in out
+    rec = next(json.loads(p.read_text()) for p in (tmp_path / "r").glob("*.json"))
+    pre = rec["scores"]["pre_attack"]
+    assert pre["capability"]["tasks"]["smoke_arith"]["n"] == 60
+    assert {"rouge1", "rouge2", "rougeL"} <= set(pre["trainability"])
+    assert "capability" in rec["scores"]["post_attack"]
+    assert "smoke_arith" in rec["criteria"]["stability"]["capability_delta"]
+    assert set(rec["criteria"]["trainability"]) == {"rouge1_delta", "rouge2_delta", "rougeL_delta"}
