@@ -5,6 +5,8 @@ Not a defence itself (nothing here is registered).
 
 from __future__ import annotations
 
+import logging
+
 from typing import Any, Iterable, Optional, Sequence
 
 import torch
@@ -13,6 +15,8 @@ from pydantic import Field
 from harness.components import DatasetRef, Example, TrainConfig
 from harness.errors import DataError
 from harness.text import batches, paired_batch, prompt_token_lengths, sft_batch
+
+log = logging.getLogger(__name__)
 
 PAPER_DATASET = DatasetRef(name="beavertails", split="30k_train")
 
@@ -70,12 +74,21 @@ def make_paired_batches(tokenizer, data: Sequence[Example], batch_size: int, max
         prompts = [ex.prompt for ex in chunk]
         harmful, harmless = paired_batch(tokenizer, prompts, [ex.response for ex in chunk],
                                          [ex.refusal for ex in chunk], max_length)
+        if torch.equal(harmful["input_ids"], harmless["input_ids"]):
+            # every pair identical after truncation (long questions, short max_length): no position
+            # differs, every masked CE would be 0/0 = NaN. Skip the batch and say so.
+            log.warning("paired batch of %d skipped: harmful and harmless texts are identical within "
+                        "max_length=%d tokens (questions longer than the context?)", len(chunk), max_length)
+            continue
         lengths = torch.tensor(prompt_token_lengths(tokenizer, prompts))
         harmful["prompt_lengths"] = lengths
         harmless["prompt_lengths"] = lengths.clone()
         if device is not None:
             harmful, harmless = to_device(harmful, device), to_device(harmless, device)
         out.append((harmful, harmless))
+    if not out:
+        raise DataError(f"no usable harmful/harmless pairs: every pair is identical within max_length={max_length} "
+                        "tokens; raise defence.max_length")
     return out
 
 

@@ -345,3 +345,21 @@ def test_random_init_is_a_fresh_seeded_model(tiny):
     before = torch.random.get_rng_state()
     cls().apply(model, tok, [], ctx(seed=5))
     assert torch.equal(before, torch.random.get_rng_state())  # the global RNG is left alone
+
+
+def test_paired_batches_skip_batches_identical_after_truncation(tiny, caplog):
+    """Questions longer than the context leave harmful and harmless texts identical: the batch
+    would give NaN (no differing token); it is skipped with a warning, and all-identical data fails."""
+    from defences._common import make_paired_batches
+    from harness.components import Example
+    from harness.errors import DataError
+
+    _, tok = tiny
+    long_q = "word " * 100
+    same = [Example(long_q, "harmful answer", "I cannot help"), Example(long_q + "x", "bad", "no")]
+    good = [Example("short?", "harmful answer", "I cannot help"), Example("q?", "bad", "no")]
+    with caplog.at_level("WARNING"):
+        out = make_paired_batches(tok, same + good, 2, 16)
+    assert len(out) == 1 and "skipped" in caplog.text
+    with pytest.raises(DataError, match="max_length"):
+        make_paired_batches(tok, same, 2, 16)
