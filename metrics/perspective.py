@@ -35,7 +35,6 @@ import json
 import logging
 import os
 import random
-import re
 import socket
 import threading
 import time
@@ -44,6 +43,7 @@ from typing import Any, Callable, Literal, Optional
 
 from pydantic import Field
 
+from harness.secrets import REDACTED, RedactingFilter, redact, register_secret  # noqa: F401
 from harness.components import ComponentConfig, TextScorer
 from harness.errors import HarnessError, SecretMissingError
 from harness.registry import METRICS
@@ -55,8 +55,6 @@ DISCOVERY_URL = "https://commentanalyzer.googleapis.com/$discovery/rest?version=
 DEFAULT_CACHE_DIR = "~/.cache/harness/perspective"
 KEY_HELP = "https://developers.perspectiveapi.com/s/docs-get-started"
 MAX_TEXT_BYTES = 20480  # the API rejects comments over 20 KB
-REDACTED = "[REDACTED]"
-_URL_KEY = re.compile(r"([?&](?:key|api_key|apikey)=)[^&\s'\"]+", re.IGNORECASE)
 
 
 class PerspectiveError(HarnessError):
@@ -67,32 +65,8 @@ class PerspectiveError(HarnessError):
         self.status = status
 
 
-# ---- key redaction ---------------------------------------------------------------------------
-_SECRETS: set[str] = set()
-
-
-def redact(text: str) -> str:
-    """Remove every known key and any ``key=`` URL parameter from ``text``."""
-    if not text:
-        return text
-    for secret in _SECRETS:
-        text = text.replace(secret, REDACTED)
-    return _URL_KEY.sub(lambda m: m.group(1) + REDACTED, text)
-
-
-class _RedactFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            msg = record.getMessage()
-        except Exception:  # a broken format string: leave it to logging
-            return True
-        clean = redact(msg)
-        if clean != msg:
-            record.msg, record.args = clean, ()
-        return True
-
-
-_FILTER = _RedactFilter()
+# ---- key redaction: harness.secrets (one registry of keys for every log, record and message) ----
+_FILTER = RedactingFilter()
 _CLIENT_LOGGERS = ("googleapiclient", "googleapiclient.discovery", "googleapiclient.http",
                    "googleapiclient.model", "googleapiclient._helpers", "googleapiclient.discovery_cache",
                    "googleapiclient.discovery_cache.file_cache", "googleapiclient.errors", "httplib2")
@@ -110,11 +84,6 @@ def _install_log_filter() -> None:
 
 
 def _register_secret(key: str) -> None:
-    _SECRETS.add(key)
-    try:  # the harness-wide redaction of the CLI's log handlers, when present
-        from harness.secrets import register_secret
-    except ImportError:
-        return
     register_secret(key)
 
 

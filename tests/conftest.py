@@ -1,3 +1,4 @@
+import logging
 import os
 
 import pytest
@@ -38,3 +39,17 @@ def tiny(tiny_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     return AutoModelForCausalLM.from_pretrained(tiny_dir), AutoTokenizer.from_pretrained(tiny_dir)
+
+
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """``harness.cli.main`` re-installs the root log handlers on the (captured) stderr of the test;
+    put the previous ones back so later tests do not log into a closed stream."""
+    root = logging.getLogger()
+    # an earlier test's main() may have left a handler on a captured stream that is closed now
+    root.handlers[:] = [h for h in root.handlers if not (type(h) is logging.StreamHandler
+                                                         and getattr(h.stream, "closed", False))]
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

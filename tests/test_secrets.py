@@ -19,18 +19,6 @@ ROOT = Path(__file__).resolve().parent.parent
 KEY = "AIzaFAKE-scan-me-9f8e7d6c5b4a3210"
 TD = fault_driver.TEST_DEFENCE
 
-@pytest.fixture(autouse=True)
-def restore_logging():
-    """``harness.cli.main`` re-installs the root log handlers on the (captured) stderr of the test;
-    put the previous ones back so later tests do not log into a closed stream."""
-    root = logging.getLogger()
-    # an earlier test's main() may have left a handler on a captured stream that is closed now
-    root.handlers[:] = [h for h in root.handlers if not (type(h) is logging.StreamHandler
-                                                         and getattr(h.stream, "closed", False))]
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 
