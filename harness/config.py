@@ -120,7 +120,7 @@ class RunSpec(Strict):
 
 
 # ---- component configs ---------------------------------------------------------------------
-def _validate_component(kind: str, registry, spec: ComponentSpec, field: str) -> ComponentConfig:
+def _validate_component(registry, spec: ComponentSpec, field: str) -> ComponentConfig:
     cls = registry.get(spec.name)
     try:
         return cls.Config(**spec.params())
@@ -129,15 +129,15 @@ def _validate_component(kind: str, registry, spec: ComponentSpec, field: str) ->
 
 
 def defence_config(spec: RunSpec) -> ComponentConfig:
-    return _validate_component("defence", DEFENCES, spec.defence, "defence")
+    return _validate_component(DEFENCES, spec.defence, "defence")
 
 
 def attack_config(spec: RunSpec) -> ComponentConfig:
-    return _validate_component("attack", ATTACKS, spec.attack, "attack")
+    return _validate_component(ATTACKS, spec.attack, "attack")
 
 
 def scorer_config(spec: ScorerSpec, field: str) -> ComponentConfig:
-    return _validate_component("metric", METRICS, spec, field)
+    return _validate_component(METRICS, spec, field)
 
 
 def format_validation_error(exc: ValidationError, prefix: str = "", model: type | None = None) -> str:
