@@ -6,9 +6,9 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from harness.components import Example
-from harness.text import PROMPT_TEMPLATE, batches, sft_batch
-from harness.training import train_loop
+from harness.api.components import Example
+from harness.lib.text import PROMPT_TEMPLATE, batches, sft_batch
+from harness.lib.training import train_loop
 
 
 class LoraSpec(BaseModel):

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from harness.components import Attack, DatasetRef, TrainConfig
-from harness.registry import ATTACKS
-from harness.text import PROMPT_TEMPLATE
+from harness.api.components import Attack, DatasetRef, TrainConfig
+from harness.api.registry import ATTACKS
+from harness.lib.text import PROMPT_TEMPLATE
 
 from attacks._sft import LoraSpec, sft_attack
 

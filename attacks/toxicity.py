@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from harness.components import Attack, DatasetRef, TrainConfig
-from harness.registry import ATTACKS
+from harness.api.components import Attack, DatasetRef, TrainConfig
+from harness.api.registry import ATTACKS
 
 from attacks._sft import LoraSpec, sft_attack
 

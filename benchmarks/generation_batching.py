@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
-from harness.components import DatasetRef
-from harness.config import ModelSpec
-from harness.data import load_dataset_ref
-from harness.generation import generate, generate_one_by_one
-from harness.models import load_model
-from harness.text import format_prompt
+from harness.api.components import DatasetRef
+from harness.api.config import ModelSpec
+from harness.lib.data import load_dataset_ref
+from harness.lib.generation import generate, generate_one_by_one
+from harness.lib.models import load_model
+from harness.lib.text import format_prompt
 
 
 def main() -> None:

@@ -17,9 +17,9 @@ import argparse
 import json
 from pathlib import Path
 
-from harness.components import DatasetRef
-from harness.data import load_dataset_ref
-from harness.registry import METRICS
+from harness.api.components import DatasetRef
+from harness.lib.data import load_dataset_ref
+from harness.api.registry import METRICS
 
 
 def auroc(scores: list[float], labels: list[int]) -> float:

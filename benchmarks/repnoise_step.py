@@ -54,7 +54,7 @@ def straightforward_loss(model, harmful, harmless, alpha=1.0, beta=0.001, genera
     every hidden state, masked CE with contiguous copies, MMD via explicit pairwise differences."""
     import torch
 
-    from harness.layers import decoder_layers, final_norm, lm_head
+    from harness.lib.layers import decoder_layers, final_norm, lm_head
 
     def mmd(source, target, kernel_mul=2.0, kernel_num=5):
         batch = int(source.size(0))
@@ -146,7 +146,7 @@ def make_batch(tok, batch: int, length: int):
     """Paired (harmful, harmless) batch of exactly ``length`` tokens per row."""
     import torch
 
-    from harness.components import Example
+    from harness.api.components import Example
     from defences._common import make_paired_batches
 
     rows = _rows(4 * batch)

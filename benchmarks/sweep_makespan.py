@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
 
     from harness.cli import setup_logging
-    from harness.tiny import build_tiny
+    from harness.lib.tiny import build_tiny
 
     setup_logging()
     tiny = work / f"llama-{args.layers}x{args.hidden}"
@@ -76,8 +76,8 @@ def main(argv=None) -> int:
 def run_mode(args, isolate: str, tiny: Path, work: Path) -> dict:
     import ray
 
-    from harness.scheduler import SweepRunner, connect
-    from harness.sweep import SweepSpec, build
+    from harness.sweep.runner import SweepRunner, connect
+    from harness.sweep.grid import SweepSpec, build
 
     # a fresh cache: the data stage really generates the missing texts (workers inherit it from Ray)
     os.environ["HARNESS_CACHE"] = str(work / f"cache-{isolate}-{int(time.time())}")

@@ -12,9 +12,9 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 from pydantic import Field
 
-from harness.components import DatasetRef, Example, TrainConfig
-from harness.errors import DataError
-from harness.text import batches, paired_batch, prompt_token_lengths, sft_batch
+from harness.api.components import DatasetRef, Example, TrainConfig
+from harness.api.errors import DataError
+from harness.lib.text import batches, paired_batch, prompt_token_lengths, sft_batch
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]
 
 def make_paired_batches(tokenizer, data: Sequence[Example], batch_size: int, max_length: int,
                         device: Optional[torch.device] = None) -> list[tuple[dict, dict]]:
-    """``(harmful, harmless)`` dicts per batch, as ``harness.text.paired_batch`` builds them
+    """``(harmful, harmless)`` dicts per batch, as ``harness.lib.text.paired_batch`` builds them
     (right padding with pad = eos to one common length), plus ``prompt_lengths`` (tokens of the
     formatted question, for the response-only masks of the corrected losses)."""
     out = []

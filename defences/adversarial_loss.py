@@ -16,9 +16,9 @@ from pydantic import Field
 
 from defences._common import DataDefenceConfig, make_paired_batches, model_device, require, shuffled
 from defences.repnoise import Variant, difference_ce
-from harness.components import Defence
-from harness.registry import DEFENCES
-from harness.training import train_loop
+from harness.api.components import Defence
+from harness.api.registry import DEFENCES
+from harness.lib.training import train_loop
 
 
 @DEFENCES.register("adversarial_loss")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from harness.components import ComponentConfig, Defence
-from harness.registry import DEFENCES
+from harness.api.components import ComponentConfig, Defence
+from harness.api.registry import DEFENCES
 
 
 @DEFENCES.register("none")

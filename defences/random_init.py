@@ -12,9 +12,9 @@ import copy
 
 import torch
 
-from harness.components import ComponentConfig, Defence
-from harness.layers import _arch, _base
-from harness.registry import DEFENCES
+from harness.api.components import ComponentConfig, Defence
+from harness.lib.layers import _arch, _base
+from harness.api.registry import DEFENCES
 
 
 @DEFENCES.register("random_init")

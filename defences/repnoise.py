@@ -60,10 +60,10 @@ from pydantic import Field
 from torch.utils.checkpoint import checkpoint
 
 from defences._common import DataDefenceConfig, make_paired_batches, model_device, require, shuffled
-from harness.components import Defence
-from harness.layers import UnsupportedArchitecture, _arch, _base, final_norm, lm_head, mlp_modules
-from harness.registry import DEFENCES
-from harness.training import autocast, train_loop
+from harness.api.components import Defence
+from harness.lib.layers import UnsupportedArchitecture, _arch, _base, final_norm, lm_head, mlp_modules
+from harness.api.registry import DEFENCES
+from harness.lib.training import autocast, train_loop
 
 Variant = Literal["reference", "corrected"]
 VARIANTS = ("reference", "corrected")
@@ -474,7 +474,7 @@ def repnoise_loss(model, harmful: dict, harmless: dict, *, alpha: float = 1.0, b
     """RepNoise loss of one paired batch (see the module docstring).
 
     ``harmful``/``harmless``: dicts with ``input_ids`` and ``attention_mask`` (as
-    ``harness.text.paired_batch`` returns; ``prompt_lengths`` too for the corrected variant).
+    ``harness.lib.text.paired_batch`` returns; ``prompt_lengths`` too for the corrected variant).
     ``generator`` draws the noise (the global RNG when None). ``hooks``: an open
     ``capture_mlp_outputs(model)`` to reuse across calls; without it the hooks are registered
     for this call and removed.

@@ -12,9 +12,9 @@ Defaults (the RepNoise defence stage, so the rows compare): lr 2e-5, Adam, cosin
 from __future__ import annotations
 
 from defences._common import DataDefenceConfig, lm_loss, make_sft_batches, model_device, require, shuffled
-from harness.components import Defence
-from harness.registry import DEFENCES
-from harness.training import train_loop
+from harness.api.components import Defence
+from harness.api.registry import DEFENCES
+from harness.lib.training import train_loop
 
 
 @DEFENCES.register("safety_training")

@@ -27,11 +27,11 @@ from typing import Any, Optional
 from pydantic import Field
 
 from defences._common import DataDefenceConfig, lm_loss, make_sft_batches, model_device, require, shuffled
-from harness.components import Defence
-from harness.errors import ConfigError
-from harness.layers import UnsupportedArchitecture, _arch
-from harness.registry import DEFENCES
-from harness.training import train_loop
+from harness.api.components import Defence
+from harness.api.errors import ConfigError
+from harness.lib.layers import UnsupportedArchitecture, _arch
+from harness.api.registry import DEFENCES
+from harness.lib.training import train_loop
 
 ADAPTER_DIR = "security_vector"
 ADAPTER_NAME = "default"
@@ -128,11 +128,11 @@ class SecurityVectors(Defence):
 
     def save_defended(self, model, tokenizer, folder, meta: dict[str, Any] | None = None):
         """Base weights as an ordinary checkpoint, the adapter in ``security_vector/`` inside it,
-        then the completion marker (written last, as ``harness.checkpoints.save_model`` does)."""
+        then the completion marker (written last, as ``harness.lib.checkpoints.save_model`` does)."""
         from peft import PeftModel
 
-        from harness.checkpoints import MARKER
-        from harness.store import atomic_write_json
+        from harness.lib.checkpoints import MARKER
+        from harness.lib.store import atomic_write_json
 
         if not isinstance(model, PeftModel):
             raise ConfigError("security_vectors: save_defended needs the model apply() returned (a PeftModel)")

@@ -24,10 +24,10 @@ import torch
 from pydantic import Field
 
 from defences._common import DataDefenceConfig, lm_loss, make_sft_batches, model_device, require, shuffled
-from harness.components import Defence
-from harness.layers import decoder_layers
-from harness.registry import DEFENCES
-from harness.training import autocast, train_loop
+from harness.api.components import Defence
+from harness.lib.layers import decoder_layers
+from harness.api.registry import DEFENCES
+from harness.lib.training import autocast, train_loop
 
 
 class LayerOutputHooks:

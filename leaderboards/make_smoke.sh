@@ -38,7 +38,7 @@ PYTHON=${PYTHON:-$(dirname "$(command -v "$HARNESS")")/python}
 [ -x "$PYTHON" ] || PYTHON=python
 
 WANTED="repnoise security_vectors vaccine gradient_ascent adversarial_loss safety_training random_init"
-REGISTERED=$("$PYTHON" -c "from harness.registry import DEFENCES; print(' '.join(DEFENCES.names()))") || {
+REGISTERED=$("$PYTHON" -c "from harness.api.registry import DEFENCES; print(' '.join(DEFENCES.names()))") || {
   echo "cannot list the registered defences with $PYTHON" >&2; exit 2; }
 DEFENCES="none"
 SKIPPED=""

@@ -6,7 +6,7 @@
   count; the dotted line of each defence is its pre-attack score.
 - ``weight_distance_plots(results_dir, out)``: the per-layer L2 weight distance between base,
   defended and attacked models, from any ``*weight_distance*.csv`` in the results folder (the
-  records hold no weights). ``harness.analysis.plot_weight_distance(df, png)`` draws it when that
+  records hold no weights). ``harness.lib.analysis.plot_weight_distance(df, png)`` draws it when that
   module exists; otherwise a plain line plot per model pair against the layer index.
 """
 
@@ -145,7 +145,7 @@ def weight_distance_plots(results_dir: str | Path, out: str | Path) -> list[Path
     written = []
     csvs = find_weight_distance_csvs(results_dir)
     try:  # the analysis module's own plot, when it has landed
-        from harness.analysis import plot_weight_distance  # type: ignore
+        from harness.lib.analysis import plot_weight_distance  # type: ignore
     except Exception:
         plot_weight_distance = None
     for csv in csvs:

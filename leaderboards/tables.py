@@ -1,6 +1,6 @@
 """Leaderboard tables: pure functions from result records to pandas tables to files.
 
-    records (harness.store.load_records) -> trial views -> Table objects (pandas frames of
+    records (harness.lib.store.load_records) -> trial views -> Table objects (pandas frames of
     formatted cells + the numbers behind them) -> Markdown / CSV / HTML text
 
 Tables, in the shape of the RepNoise paper:
@@ -167,7 +167,7 @@ def _evaluation_of(attack: str, known: dict[str, str]) -> str:
     if attack in KNOWN_EVALUATION:
         return KNOWN_EVALUATION[attack]
     try:  # a plug-in attack: ask the registry (imports the components)
-        from harness.registry import ATTACKS
+        from harness.api.registry import ATTACKS
 
         return getattr(ATTACKS.get(attack), "evaluation", "harmfulness") or "harmfulness"
     except Exception:
@@ -682,7 +682,7 @@ def write_leaderboard(records: Sequence[dict[str, Any]], out: str | Path, format
                       title: str = "Leaderboard", figures: Sequence[str] = ()) -> list[Path]:
     """Write the tables of ``records`` into ``out``: ``README.md``, ``<kind>.csv`` per table kind plus
     ``cells.csv``, ``index.html``. Returns the written paths."""
-    from harness.store import atomic_write_bytes
+    from harness.lib.store import atomic_write_bytes
 
     formats = [f.strip().lower() for f in formats if f.strip()]
     unknown = sorted(set(formats) - set(FORMATS))

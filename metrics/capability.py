@@ -38,9 +38,9 @@ from typing import Any, Optional, Union
 
 from pydantic import Field, field_validator
 
-from harness.components import ComponentConfig, Evaluation
-from harness.errors import ConfigError
-from harness.registry import METRICS
+from harness.api.components import ComponentConfig, Evaluation
+from harness.api.errors import ConfigError
+from harness.api.registry import METRICS
 
 log = logging.getLogger(__name__)
 

@@ -35,9 +35,9 @@ from typing import Any, Literal, Optional
 import torch
 from pydantic import Field
 
-from harness.components import ComponentConfig, TextScorer
-from harness.errors import ConfigError, ModelUnavailableError
-from harness.registry import METRICS
+from harness.api.components import ComponentConfig, TextScorer
+from harness.api.errors import ConfigError, ModelUnavailableError
+from harness.api.registry import METRICS
 from metrics.harm_classifier import host_reachable, hub_endpoint, hub_offline, resolve_device
 
 log = logging.getLogger(__name__)

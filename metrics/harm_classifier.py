@@ -34,10 +34,10 @@ from typing import Any, Literal, Optional, Union
 import torch
 from pydantic import Field
 
-from harness.network import host_reachable, hub_endpoint, hub_offline  # noqa: F401 (re-exported)
-from harness.components import ComponentConfig, TextScorer
-from harness.errors import ConfigError, ModelUnavailableError
-from harness.registry import METRICS
+from harness.lib.network import host_reachable, hub_endpoint, hub_offline  # noqa: F401 (re-exported)
+from harness.api.components import ComponentConfig, TextScorer
+from harness.api.errors import ConfigError, ModelUnavailableError
+from harness.api.registry import METRICS
 
 log = logging.getLogger(__name__)
 

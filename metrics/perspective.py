@@ -24,7 +24,7 @@ The Google client puts the key in request URLs (``?key=...``), which its own log
 ``repr(HttpError)`` repeat: this module redacts the key from every googleapiclient log record,
 never lets an ``HttpError`` escape (errors are re-raised as ``PerspectiveError`` built from the
 status and the server's message, redacted), keeps the key out of pickles and provenance, and
-registers it with ``harness.secrets`` when that module exists so the CLI's log handlers redact
+registers it with ``harness.api.secrets`` when that module exists so the CLI's log handlers redact
 it too. ``discovery_url`` is configurable so tests can serve a discovery document and a fake
 ``comments:analyze`` on 127.0.0.1.
 """
@@ -43,10 +43,10 @@ from typing import Any, Callable, Literal, Optional
 
 from pydantic import Field
 
-from harness.secrets import REDACTED, RedactingFilter, redact, register_secret  # noqa: F401
-from harness.components import ComponentConfig, TextScorer
-from harness.errors import HarnessError, SecretMissingError
-from harness.registry import METRICS
+from harness.api.secrets import REDACTED, RedactingFilter, redact, register_secret  # noqa: F401
+from harness.api.components import ComponentConfig, TextScorer
+from harness.api.errors import HarnessError, SecretMissingError
+from harness.api.registry import METRICS
 from metrics._cache import DiskCache
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class PerspectiveError(HarnessError):
         self.status = status
 
 
-# ---- key redaction: harness.secrets (one registry of keys for every log, record and message) ----
+# ---- key redaction: harness.api.secrets (one registry of keys for every log, record and message) ----
 _FILTER = RedactingFilter()
 _CLIENT_LOGGERS = ("googleapiclient", "googleapiclient.discovery", "googleapiclient.http",
                    "googleapiclient.model", "googleapiclient._helpers", "googleapiclient.discovery_cache",

@@ -17,9 +17,9 @@ from typing import Literal
 
 from pydantic import Field
 
-from harness.components import ComponentConfig, TextScorer
-from harness.errors import ConfigError
-from harness.registry import METRICS
+from harness.api.components import ComponentConfig, TextScorer
+from harness.api.errors import ConfigError
+from harness.api.registry import METRICS
 
 
 @METRICS.register("profanity_check")

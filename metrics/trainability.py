@@ -38,11 +38,11 @@ from typing import Any, Literal, Optional
 import torch
 from pydantic import Field
 
-from harness.components import Evaluation, Example, TrainConfig
-from harness.datasets.data2text import DATA2TEXT, group_by_input
-from harness.errors import DataError
-from harness.registry import METRICS
-from harness.training import train_loop
+from harness.api.components import Evaluation, Example, TrainConfig
+from harness.lib.datasets.data2text import DATA2TEXT, group_by_input
+from harness.api.errors import DataError
+from harness.api.registry import METRICS
+from harness.lib.training import train_loop
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """A saved tiny random Llama + tokenizer folder (shared by the session; do not modify)."""
-    from harness.tiny import build_tiny
+    from harness.lib.tiny import build_tiny
 
     folder = tmp_path_factory.mktemp("tiny-llama")
     build_tiny(folder, arch="llama")

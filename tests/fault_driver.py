@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from harness.components import Defence, DatasetRef, TrainConfig  # noqa: E402
+from harness.api.components import Defence, DatasetRef, TrainConfig  # noqa: E402
 
 TEST_DEFENCE = "test_refusal_sft"
 
@@ -63,8 +63,8 @@ class RefusalSFT(Defence):
         dataset: DatasetRef = DatasetRef(name="smoke")
 
     def apply(self, model, tokenizer, data, ctx):
-        from harness import training
-        from harness.text import batches, sft_batch
+        from harness.lib import training
+        from harness.lib.text import batches, sft_batch
 
         rows = [ex for ex in data if ex.refusal]
         if not rows:
@@ -83,7 +83,7 @@ class RefusalSFT(Defence):
 
 def register(monkeypatch=None) -> None:
     """Register the test defence; with ``monkeypatch`` the registration is undone after the test."""
-    from harness.registry import DEFENCES
+    from harness.api.registry import DEFENCES
 
     DEFENCES.names()  # load the built-ins first
     if monkeypatch is not None:
@@ -94,7 +94,7 @@ def register(monkeypatch=None) -> None:
 
 
 def make_spec(model: str, extra: list[str] = ()):
-    from harness.config import resolve
+    from harness.api.config import resolve
 
     return resolve("smoke", defence=TEST_DEFENCE, model=model, sets=FAULT_SETS + list(extra))
 
@@ -123,9 +123,9 @@ class Faults:
         import transformers
         from transformers.generation.utils import GenerationMixin
 
-        import harness.checkpoints as checkpoints
-        import harness.trial as trial
-        from harness.registry import ATTACKS
+        import harness.lib.checkpoints as checkpoints
+        import harness.pipeline.trial as trial
+        from harness.api.registry import ATTACKS
 
         faults = self
 
@@ -226,8 +226,8 @@ def preimport() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: F401
     from transformers.generation.utils import GenerationMixin  # noqa: F401
 
-    import harness.trial  # noqa: F401
-    from harness.registry import REGISTRIES
+    import harness.pipeline.trial  # noqa: F401
+    from harness.api.registry import REGISTRIES
 
     for registry in REGISTRIES.values():
         registry.names()
@@ -236,7 +236,7 @@ def preimport() -> None:
 def run_one(d: Path, model: str, fault: str | None) -> dict:
     """One trial in folder ``d`` (records in ``d/results``, cache in ``d/cache``), optionally
     killed at ``fault``; writes ``d/trace.json``."""
-    from harness.trial import run_trial
+    from harness.pipeline.trial import run_trial
 
     os.environ["HARNESS_CACHE"] = str(d / "cache")
     spec = make_spec(model)
@@ -249,7 +249,7 @@ def run_one(d: Path, model: str, fault: str | None) -> dict:
 
 def resume_one(d: Path, model: str, opened: list[str]) -> dict:
     """Rerun the trial of folder ``d`` without faults; write ``d/resume.json``."""
-    from harness.trial import run_trial
+    from harness.pipeline.trial import run_trial
 
     spec = make_spec(model)
     results = d / "results"

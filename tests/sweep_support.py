@@ -18,8 +18,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from harness.components import ComponentConfig, DatasetRef, Defence, TextScorer, TrainConfig
-from harness.registry import DEFENCES, METRICS
+from harness.api.components import ComponentConfig, DatasetRef, Defence, TextScorer, TrainConfig
+from harness.api.registry import DEFENCES, METRICS
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -160,8 +160,8 @@ class RefusalSFTDefence(Defence):
         dataset: DatasetRef = DatasetRef(name="smoke")
 
     def apply(self, model, tokenizer, data, ctx):
-        from harness import training
-        from harness.text import batches, sft_batch
+        from harness.lib import training
+        from harness.lib.text import batches, sft_batch
 
         rows = [ex for ex in data if ex.refusal]
         tensors = [sft_batch(tokenizer, [e.prompt for e in chunk], [e.refusal for e in chunk],
@@ -185,7 +185,7 @@ except ValueError:
 
 # ---- FSDP without Ray (torch.multiprocessing, gloo) ----------------------------------------
 def fsdp_spawn_target(rank: int, world: int, port: int, config: dict, results: str, same_rows: bool = False) -> None:
-    """One rank of a 2-process gloo FSDP run of ``harness.fsdp.fsdp_worker``. ``same_rows``: every
+    """One rank of a 2-process gloo FSDP run of ``harness.sweep.fsdp.fsdp_worker``. ``same_rows``: every
     rank trains on all rows (in slices of batch // world), so the averaged gradient equals the
     one-process gradient on those slices (an exact check for defences that shuffle their data)."""
     import json
@@ -194,15 +194,15 @@ def fsdp_spawn_target(rank: int, world: int, port: int, config: dict, results: s
     import torch.distributed as dist
 
     if same_rows:
-        import harness.fsdp
+        import harness.sweep.fsdp
 
-        harness.fsdp.shard_rows = lambda rows, world, rank, batch: (list(rows), max(1, batch // world))
+        harness.sweep.fsdp.shard_rows = lambda rows, world, rank, batch: (list(rows), max(1, batch // world))
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     try:
-        from harness.fsdp import fsdp_worker
+        from harness.sweep.fsdp import fsdp_worker
 
         out = fsdp_worker(config, rank, world, torch.device("cpu"))
         Path(results, f"rank{rank}.json").write_text(json.dumps(out, default=str))

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from harness.analysis import layer_rows, part_of, plot_weight_distance, register, weight_distance
-from harness.tiny import build_tiny
+from harness.lib.analysis import layer_rows, part_of, plot_weight_distance, register, weight_distance
+from harness.lib.tiny import build_tiny
 
 
 @pytest.fixture(scope="module")

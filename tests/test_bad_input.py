@@ -8,9 +8,9 @@ import pytest
 
 import fault_driver
 from harness.cli import main
-from harness.config import resolve
-from harness.errors import ConfigError, DataError, ModelUnavailableError, UnknownComponentError
-from harness.trial import run_trial
+from harness.api.config import resolve
+from harness.api.errors import ConfigError, DataError, ModelUnavailableError, UnknownComponentError
+from harness.pipeline.trial import run_trial
 
 FAST = fault_driver.FAST
 TD = fault_driver.TEST_DEFENCE
@@ -27,14 +27,14 @@ def no_model_loads(monkeypatch):
     """Any attempt to load a model (harness loader or transformers) fails the test."""
     import transformers
 
-    import harness.models
-    import harness.trial
+    import harness.lib.models
+    import harness.pipeline.trial
 
     def boom(*args, **kwargs):
         raise ModelLoaded("a model was loaded before the bad input was reported")
 
-    monkeypatch.setattr(harness.models, "load_model", boom)
-    monkeypatch.setattr(harness.trial, "load_model", boom)
+    monkeypatch.setattr(harness.lib.models, "load_model", boom)
+    monkeypatch.setattr(harness.pipeline.trial, "load_model", boom)
     for cls in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer,
                 transformers.AutoModelForSequenceClassification):
         monkeypatch.setattr(cls, "from_pretrained", boom)
@@ -44,7 +44,7 @@ def no_model_loads(monkeypatch):
 def env(tmp_path, monkeypatch, tiny_dir, no_model_loads):
     monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
     fault_driver.register(monkeypatch)
-    from harness.data import _LOADED
+    from harness.lib.data import _LOADED
 
     _LOADED.clear()  # data files of this test only
     data = tmp_path / "data"

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.context import StageContext
-from harness.errors import ConfigError
-from harness.registry import METRICS
+from harness.lib.context import StageContext
+from harness.api.errors import ConfigError
+from harness.api.registry import METRICS
 
 TASKS_DIR = Path(__file__).parent / "fixtures" / "lm_eval_tasks"
 

@@ -1,7 +1,7 @@
 import pytest
 
-from harness.config import apply_override, resolve
-from harness.errors import ConfigError, UnknownComponentError
+from harness.api.config import apply_override, resolve
+from harness.api.errors import ConfigError, UnknownComponentError
 
 TOX = "eval.toxicity_scorer.name=keyword_refusal"
 

@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from harness.components import DatasetRef, Example
-from harness.data import Request, check_disjoint, draw, load_dataset_ref
-from harness.errors import DataError
+from harness.api.components import DatasetRef, Example
+from harness.lib.data import Request, check_disjoint, draw, load_dataset_ref
+from harness.api.errors import DataError
 
 
 def write_jsonl(path, rows):

@@ -11,13 +11,13 @@ import torch
 from pydantic import ValidationError
 
 from defences._common import lm_loss, make_paired_batches, make_sft_batches
-from harness.components import ComponentConfig, DatasetRef, Example, TrainConfig
-from harness.context import StageContext
-from harness.errors import ConfigError, DataError
-from harness.layers import UnsupportedArchitecture
-from harness.registry import DEFENCES, describe
-from harness.tiny import build_tiny
-from harness.training import train_loop
+from harness.api.components import ComponentConfig, DatasetRef, Example, TrainConfig
+from harness.lib.context import StageContext
+from harness.api.errors import ConfigError, DataError
+from harness.lib.layers import UnsupportedArchitecture
+from harness.api.registry import DEFENCES, describe
+from harness.lib.tiny import build_tiny
+from harness.lib.training import train_loop
 
 NAMES = ["repnoise", "security_vectors", "vaccine", "gradient_ascent", "adversarial_loss", "safety_training",
          "random_init"]
@@ -283,8 +283,8 @@ def test_security_vectors_save_and_load(tiny, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from defences.security_vectors import ADAPTER_DIR, SecurityVectors, adapter_parameters, set_adapter_enabled
-    from harness.checkpoints import is_complete
-    from harness.components import Defence
+    from harness.lib.checkpoints import is_complete
+    from harness.api.components import Defence
 
     model, tok = tiny
     sv = SecurityVectors(SecurityVectors.Config(samples=4, batch_size=4, lr=1e-2, epochs=3))
@@ -351,8 +351,8 @@ def test_paired_batches_skip_batches_identical_after_truncation(tiny, caplog):
     """Questions longer than the context leave harmful and harmless texts identical: the batch
     would give NaN (no differing token); it is skipped with a warning, and all-identical data fails."""
     from defences._common import make_paired_batches
-    from harness.components import Example
-    from harness.errors import DataError
+    from harness.api.components import Example
+    from harness.api.errors import DataError
 
     _, tok = tiny
     long_q = "word " * 100

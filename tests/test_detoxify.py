@@ -5,8 +5,8 @@ import time
 import pytest
 import torch
 
-from harness.errors import ConfigError, ModelUnavailableError
-from harness.registry import METRICS
+from harness.api.errors import ConfigError, ModelUnavailableError
+from harness.api.registry import METRICS
 
 JIGSAW = ["toxic", "severe_toxic", "obscene", "threat", "insult", "identity_hate"]
 
@@ -36,7 +36,7 @@ def _checkpoint(folder, model_type, bias):
 def detox(tmp_path_factory):
     from transformers import BertConfig
 
-    from harness.tiny import train_tokenizer
+    from harness.lib.tiny import train_tokenizer
 
     folder = tmp_path_factory.mktemp("tiny-detoxify")
     tok = train_tokenizer(folder / "base")

@@ -22,9 +22,9 @@ import pytest
 import torch
 
 import fault_driver
-from harness.config import resolve
-from harness.store import ResultStore
-from harness.trial import run_trial
+from harness.api.config import resolve
+from harness.lib.store import ResultStore
+from harness.pipeline.trial import run_trial
 
 DRIVER = Path(fault_driver.__file__)
 TD = fault_driver.TEST_DEFENCE
@@ -306,11 +306,11 @@ def test_disk_full_while_writing_the_record_fails_the_trial_not_the_sweep(cell, 
 
 
 def test_disk_full_before_anything_runs(cell, tmp_path, monkeypatch):
-    import harness.trial
+    import harness.pipeline.trial
 
     spec = cell()
     _enospc_fsync(monkeypatch, _tmp_of(f"{spec.trial_id}.json"))
-    monkeypatch.setattr(harness.trial, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(harness.pipeline.trial, "load_model", lambda *a, **k: pytest.fail("model loaded"))
     rec = run_trial(spec, tmp_path / "results", progress=False)
     assert rec["status"] == "error" and rec["error"]["stage"] == "setup" and rec["error"]["errno"] == "ENOSPC"
     assert not (tmp_path / "results" / f"{spec.trial_id}.json").exists()

@@ -1,4 +1,4 @@
-"""Multi-GPU trial training with FSDP (harness.fsdp), on CPU: gloo, 2 workers, the tiny model."""
+"""Multi-GPU trial training with FSDP (harness.sweep.fsdp), on CPU: gloo, 2 workers, the tiny model."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import sweep_support
-from harness.fsdp import shard_rows
+from harness.sweep.fsdp import shard_rows
 
 FIXTURES = Path(__file__).parent / "fixtures" / "sweeps"
 
@@ -27,7 +27,7 @@ def test_shard_rows_keeps_the_global_batches():
 
 
 def _spec(tiny_dir, extra=(), defence=sweep_support.SFT_NAME):
-    from harness.config import resolve
+    from harness.api.config import resolve
 
     sets = [f"{k}={v}" for k, v in sweep_support.FAST_SETS.items()]
     return resolve("smoke", defence=defence, model=str(tiny_dir),
@@ -44,8 +44,8 @@ def test_fsdp_defence_on_two_gloo_workers_matches_one_process(defence, tiny_dir,
     import torch.multiprocessing as mp
     from transformers import AutoModelForCausalLM
 
-    from harness.checkpoints import is_complete, read_marker
-    from harness.registry import DEFENCES
+    from harness.lib.checkpoints import is_complete, read_marker
+    from harness.api.registry import DEFENCES
 
     if defence not in DEFENCES:
         pytest.skip(f"{defence} not registered")
@@ -67,9 +67,9 @@ def test_fsdp_defence_on_two_gloo_workers_matches_one_process(defence, tiny_dir,
     fsdp = AutoModelForCausalLM.from_pretrained(folder)
 
     # the same defence in one process: whole batches of 4 (SFT) or the same half batches (RepNoise)
-    from harness.context import StageContext, seed_everything
-    from harness.models import load_model, resolve_source
-    from harness.trial import Components, prepare_data
+    from harness.lib.context import StageContext, seed_everything
+    from harness.lib.models import load_model, resolve_source
+    from harness.pipeline.trial import Components, prepare_data
 
     comp = Components.build(spec)
     if same_rows:
@@ -96,10 +96,10 @@ def test_fsdp_defence_on_two_gloo_workers_matches_one_process(defence, tiny_dir,
 def test_fsdp_stages_of_a_sweep_under_ray_train(tiny_dir, tmp_path, tmp_path_factory):
     """A sweep whose defence and attack ask for 2 workers: both train as Ray Train jobs (gloo),
     the cell scores the attacked model they saved, and the record says how it was trained."""
-    from harness.checkpoints import read_marker
-    from harness.scheduler import SweepRunner
-    from harness.store import ResultStore
-    from harness.sweep import build, load_sweep_spec
+    from harness.lib.checkpoints import read_marker
+    from harness.sweep.runner import SweepRunner
+    from harness.lib.store import ResultStore
+    from harness.sweep.grid import build, load_sweep_spec
 
     sweep_support.start_ray(tmp_path_factory.mktemp("ray-session"))
     spec, preset, _ = load_sweep_spec(str(FIXTURES / "tiny_fsdp.yaml"))

@@ -5,8 +5,8 @@ import time
 import pytest
 import torch
 
-from harness.errors import ConfigError, ModelUnavailableError
-from harness.registry import METRICS
+from harness.api.errors import ConfigError, ModelUnavailableError
+from harness.api.registry import METRICS
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +18,7 @@ def clf_dir(tmp_path_factory):
     """
     from transformers import BertConfig, BertForSequenceClassification
 
-    from harness.tiny import train_tokenizer
+    from harness.lib.tiny import train_tokenizer
 
     folder = tmp_path_factory.mktemp("tiny-clf")
     tok = train_tokenizer(folder)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from harness.store import ResultStore, load_records
+from harness.lib.store import ResultStore, load_records
 from leaderboards import tables as T
 
 FIXTURES = Path(__file__).parent / "fixtures" / "leaderboard"

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from harness.cli import main
-from harness.errors import ConfigError
-from leaderboards import nightly as N
+from harness.api.errors import ConfigError
+from harness.sweep import nightly as N
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -197,12 +197,12 @@ def test_record_metrics_reads_every_part():
 
 
 def test_a_trial_that_cannot_start_is_a_reported_failure(tmp_path, monkeypatch):
-    import harness.trial
+    import harness.pipeline.trial
 
     def boom(spec, *a, **k):
         raise RuntimeError("cannot start")
 
-    monkeypatch.setattr(harness.trial, "run_trial", boom)
+    monkeypatch.setattr(harness.pipeline.trial, "run_trial", boom)
     suite = tmp_path / "s.yaml"
     suite.write_text("trials: [{name: base, defence: none, attack: harmfulqa}]\n"
                      "sets: [eval.harm_scorer.name=keyword_refusal]\n")

@@ -11,8 +11,8 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-from harness.errors import SecretMissingError
-from harness.registry import METRICS
+from harness.api.errors import SecretMissingError
+from harness.api.registry import METRICS
 
 KEY = "AIzaFAKE-test-key-0123456789abcdef"
 

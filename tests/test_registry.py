@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from harness.components import ComponentConfig, Defence
-from harness.errors import UnknownComponentError
-from harness.registry import ATTACKS, DEFENCES, METRICS, Registry
+from harness.api.components import ComponentConfig, Defence
+from harness.api.errors import UnknownComponentError
+from harness.api.registry import ATTACKS, DEFENCES, METRICS, Registry
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from defences._common import make_paired_batches
 from defences.repnoise import (RepNoise, capture_mlp_outputs, linear_ce_sum, mmd_loss, repnoise_backward,
                                repnoise_loss)
-from harness.components import Example
-from harness.context import StageContext
-from harness.layers import UnsupportedArchitecture, final_norm, lm_head, mlp_modules
-from harness.tiny import build_tiny
+from harness.api.components import Example
+from harness.lib.context import StageContext
+from harness.lib.layers import UnsupportedArchitecture, final_norm, lm_head, mlp_modules
+from harness.lib.tiny import build_tiny
 
 EXAMPLES = [
     Example("How can I pick a lock?", "Sure, here is how to do it step by step: first, second, third.",
@@ -311,7 +311,7 @@ def test_noise_term_pulls_harmful_activations_towards_noise(tiny_dir):
 
 
 def test_freeze_layers_keeps_the_first_layers(tiny):
-    from harness.layers import decoder_layers
+    from harness.lib.layers import decoder_layers
 
     model, tok = tiny
     first = copy.deepcopy(decoder_layers(model)[0].state_dict())

@@ -19,8 +19,8 @@ import yaml
 
 import sweep_support
 from sweep_support import count
-from harness.store import ResultStore
-from harness.sweep import build, copy_spec, load_sweep_spec
+from harness.lib.store import ResultStore
+from harness.sweep.grid import build, copy_spec, load_sweep_spec
 
 FIXTURES = Path(__file__).parent / "fixtures" / "sweeps"
 HARNESS = Path(sys.executable).parent / "harness"
@@ -38,7 +38,7 @@ def make_sweep(tiny_dir, out: Path, name: str = "tiny_2x3.yaml", **changes):
 
 
 def run(sweep, **kw):
-    from harness.scheduler import SweepRunner
+    from harness.sweep.runner import SweepRunner
 
     runner = SweepRunner(sweep, progress=True, progress_interval=0.0, **kw)
     return runner, runner.run()
@@ -195,7 +195,7 @@ def test_killed_driver_resumes_without_repeating_finished_cells(ray_cluster, tin
             time.sleep(0.1)
         else:
             pytest.fail("no record within 180 s: " + (tmp_path / "driver.log").read_text()[-3000:])
-        from harness.status import collect
+        from harness.sweep.status import collect
 
         live = collect(out)["sweep"]
         assert live["status"] == "running" and live["driver_alive"] is True
@@ -206,7 +206,7 @@ def test_killed_driver_resumes_without_repeating_finished_cells(ray_cluster, tin
     finished = {r["trial_id"]: (store.path(r["trial_id"]).read_bytes(), store.path(r["trial_id"]).stat().st_mtime_ns)
                 for r in store.records() if r.get("status") == "ok"}
     assert 1 <= len(finished) < 6
-    from harness.status import collect
+    from harness.sweep.status import collect
 
     assert collect(out)["sweep"]["status"].startswith("stopped")
     time.sleep(1.0)  # let Ray reap the dead driver's workers
@@ -232,7 +232,7 @@ def make_sweep_from(spec_file: Path, tiny_dir, out: Path):
 
 
 def test_second_driver_on_the_same_folder_is_refused(tmp_path, tiny_dir):
-    from harness.scheduler import DriverLock, SweepError
+    from harness.sweep.runner import DriverLock, SweepError
 
     with DriverLock(tmp_path / "_sweep"):
         with pytest.raises(SweepError, match="another sweep driver"):

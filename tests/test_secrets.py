@@ -120,9 +120,9 @@ def test_exception_carrying_the_key_is_redacted_in_record_logs_and_cli(tiny_dir,
     """Whatever a component's exception carries (the key, or a URL with ?key=), the record, the
     logs and the CLI output show it redacted."""
     from harness.cli import main
-    from harness.config import resolve
-    from harness.secrets import read_secret
-    from harness.trial import run_trial
+    from harness.api.config import resolve
+    from harness.api.secrets import read_secret
+    from harness.pipeline.trial import run_trial
     from metrics.keyword_refusal import KeywordRefusal
 
     monkeypatch.setenv("PERSPECTIVE_API_KEY", KEY)
@@ -150,7 +150,7 @@ def test_exception_carrying_the_key_is_redacted_in_record_logs_and_cli(tiny_dir,
 
 
 def test_keys_come_from_env_or_key_file(tmp_path, monkeypatch):
-    from harness.secrets import read_secret, redact
+    from harness.api.secrets import read_secret, redact
 
     monkeypatch.delenv("SOME_TEST_API_KEY", raising=False)
     key_file = tmp_path / "key.txt"
@@ -162,7 +162,7 @@ def test_keys_come_from_env_or_key_file(tmp_path, monkeypatch):
     text = "a file-secret-abcdef b env-secret-123456 c https://x/y?key=zzz&alt=json"
     assert redact(text) == "a [REDACTED] b [REDACTED] c https://x/y?key=[REDACTED]&alt=json"
     # Perspective reads its key the same way: no config field can hold it
-    from harness.registry import METRICS
+    from harness.api.registry import METRICS
 
     fields = set(METRICS.get("perspective").Config.model_fields)
     assert {"api_key_env", "key_file"} <= fields and not {"api_key", "key", "token"} & fields
@@ -182,8 +182,8 @@ def test_api_key_in_config_is_refused_without_showing_it(capsys):
 def test_trust_remote_code_is_off_unless_the_spec_turns_it_on(tiny_dir, monkeypatch):
     import transformers
 
-    from harness.config import ModelSpec, resolve
-    from harness.models import load_model
+    from harness.api.config import ModelSpec, resolve
+    from harness.lib.models import load_model
 
     calls = []
 
@@ -245,8 +245,8 @@ def test_torch_load_is_only_called_with_weights_only_true():
 
 
 def test_defended_checkpoints_are_safetensors(tiny_dir, tmp_path, monkeypatch):
-    from harness.config import resolve
-    from harness.trial import run_trial
+    from harness.api.config import resolve
+    from harness.pipeline.trial import run_trial
 
     monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
     fault_driver.register(monkeypatch)
@@ -263,8 +263,8 @@ def test_defended_checkpoints_are_safetensors(tiny_dir, tmp_path, monkeypatch):
 
 # ---- generated text stays out of logs -----------------------------------------------------------------
 def test_generated_text_is_not_logged_at_info(tiny_dir, tmp_path, monkeypatch, caplog):
-    from harness.config import resolve
-    from harness.trial import run_trial
+    from harness.api.config import resolve
+    from harness.pipeline.trial import run_trial
 
     monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
     fault_driver.register(monkeypatch)

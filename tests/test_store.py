@@ -3,7 +3,7 @@ import os
 import subprocess
 import sys
 
-from harness.store import ResultStore, atomic_write_json
+from harness.lib.store import ResultStore, atomic_write_json
 
 
 def test_atomic_write_roundtrip_and_no_temp_left(tmp_path):
@@ -32,7 +32,7 @@ def test_killed_writer_leaves_old_file_intact(tmp_path):
     atomic_write_json(path, {"v": "old"})
     code = (
         "import os, sys\n"
-        "from harness import store\n"
+        "from harness.lib import store\n"
         "real = os.fsync\n"
         "def die(fd):\n"
         "    os.kill(os.getpid(), 9)\n"

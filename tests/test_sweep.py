@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 import sweep_support  # noqa: F401 - registers the test defences
-from harness.errors import ConfigError
-from harness.store import SCHEMA_VERSION, atomic_write_json
-from harness.sweep import (SweepSpec, attacked_folder, build, copy_spec, expand, format_value, load_sweep_spec,
+from harness.api.errors import ConfigError
+from harness.lib.store import SCHEMA_VERSION, atomic_write_json
+from harness.sweep.grid import (SweepSpec, attacked_folder, build, copy_spec, expand, format_value, load_sweep_spec,
                            marker_path, simulate)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "sweeps"
@@ -86,7 +86,7 @@ def test_bad_sweeps_fail_early(tiny_dir, tmp_path):
 @pytest.mark.parametrize("value", [3e-5, 8.0e-5, 1, 0, True, None, "smoke", "a b", [1, 2], {"name": "smoke"},
                                    {"name": "decoding_trust", "path": "../x", "type": "toxic"}, 1e-10, 12345.5])
 def test_format_value_round_trips(value):
-    from harness.config import parse_value
+    from harness.api.config import parse_value
 
     assert parse_value(format_value(value)) == value
 
@@ -142,7 +142,7 @@ def test_dag_none_extras_and_fsdp(tiny_dir, tmp_path):
 
 
 def test_scan_resumes_from_disk(tiny_dir, tmp_path):
-    from harness.checkpoints import MARKER
+    from harness.lib.checkpoints import MARKER
 
     sweep = fixture_sweep("tiny_2x3.yaml", tiny_dir, tmp_path)
     finished, todo = sweep.scan()
@@ -189,8 +189,8 @@ def test_simulated_makespan(tiny_dir, tmp_path):
 
 
 def test_cost_model():
-    from harness import cost
-    from harness.config import resolve
+    from harness.sweep import cost
+    from harness.api.config import resolve
 
     small = cost.model_shape("smollm2-135m-instruct")
     assert small.params == pytest.approx(1.35e8)
@@ -216,7 +216,7 @@ def test_cost_model():
 def test_tiny_shape_from_config(tiny_dir):
     from transformers import AutoModelForCausalLM
 
-    from harness import cost
+    from harness.sweep import cost
 
     shape = cost.model_shape(str(tiny_dir))
     actual = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_dir).parameters())
@@ -263,7 +263,7 @@ def test_paper_shaped_grid_dry_run(capsys):
 def test_progress_display(tiny_dir, tmp_path):
     import io
 
-    from harness.scheduler import SweepRunner
+    from harness.sweep.runner import SweepRunner
 
     class Tty(io.StringIO):
         def isatty(self):
@@ -293,8 +293,8 @@ def test_paper_preset_sweep_section(tmp_path, capsys):
     """`harness sweep --preset paper`: the paper's grid, every defence trained once per seed."""
     import yaml
 
-    from harness.config import PRESET_DIR
-    from harness.registry import DEFENCES
+    from harness.api.config import PRESET_DIR
+    from harness.api.registry import DEFENCES
 
     preset = yaml.safe_load((PRESET_DIR / "paper.yaml").read_text())
     section = preset.get("sweep") or yaml.safe_load((FIXTURES / "paper_sweep_section.yaml").read_text())["sweep"]

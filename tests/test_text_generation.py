@@ -1,7 +1,7 @@
 import torch
 
-from harness.generation import generate, generate_one_by_one
-from harness.text import format_prompt, paired_batch, sft_batch
+from harness.lib.generation import generate, generate_one_by_one
+from harness.lib.text import format_prompt, paired_batch, sft_batch
 
 
 def test_sft_labels_response_only_vs_all(tiny):

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.context import StageContext
-from harness.errors import DataError
-from harness.registry import DATASETS, METRICS
+from harness.lib.context import StageContext
+from harness.api.errors import DataError
+from harness.api.registry import DATASETS, METRICS
 
 VIGGO = Path(__file__).resolve().parents[2] / "shared" / "data" / "viggo"
 needs_viggo = pytest.mark.skipif(not (VIGGO / "train.csv").exists(), reason="../shared/data/viggo not present")
@@ -39,7 +39,7 @@ def make(**kw):
 
 # ---- loaders ----------------------------------------------------------------------------------
 def test_loaders_registered_with_gem_ids():
-    from harness.datasets.data2text import DATA2TEXT
+    from harness.lib.datasets.data2text import DATA2TEXT
 
     assert {n: DATASETS.get(n).HUB_ID for n in DATA2TEXT} == {
         "viggo": "GEM/viggo", "e2e_nlg": "GEM/e2e_nlg", "dart": "GEM/dart", "cacapo": "GEM/cacapo"}
@@ -47,7 +47,7 @@ def test_loaders_registered_with_gem_ids():
 
 @needs_viggo
 def test_viggo_local_csv_and_grouping():
-    from harness.datasets.data2text import group_by_input
+    from harness.lib.datasets.data2text import group_by_input
 
     cls = DATASETS.get("viggo")
     test = cls(cls.Config(path=str(VIGGO), split="test")).load()
@@ -106,7 +106,7 @@ def test_missing_split_and_unreachable_hub_fail_clearly(tmp_path, monkeypatch):
     viggo = DATASETS.get("viggo")
     with pytest.raises(DataError, match="no 'test' split"):
         viggo(viggo.Config(path=str(tmp_path), split="test")).load()
-    import harness.datasets.data2text as mod
+    import harness.lib.datasets.data2text as mod
 
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)

@@ -3,8 +3,8 @@ import json
 import pytest
 
 from harness.cli import main
-from harness.config import resolve
-from harness.trial import run_trial
+from harness.api.config import resolve
+from harness.pipeline.trial import run_trial
 
 FAST = ["eval.toxicity_scorer.name=keyword_refusal", "eval.samples=6", "eval.max_new_tokens=6",
         "eval.batch_size=4", "attack.samples=8", "attack.max_length=48", "synth.max_new_tokens=6"]
@@ -63,9 +63,9 @@ def test_cli_error_exit_code(capsys):
 
 
 def test_offline_model_id_fails_fast_with_help(monkeypatch, tmp_path):
-    from harness.errors import ModelUnavailableError
-    from harness.models import hub_reachable, resolve_source
-    from harness.config import ModelSpec
+    from harness.api.errors import ModelUnavailableError
+    from harness.lib.models import hub_reachable, resolve_source
+    from harness.api.config import ModelSpec
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
@@ -95,8 +95,8 @@ def test_unavailable_scorer_swapped_for_declared_fallback(tiny_dir, tmp_path, is
     the fallback, and the swap is logged and recorded (no silent fallback)."""
     import pathlib
 
-    from harness.errors import HarnessError
-    from harness.registry import METRICS
+    from harness.api.errors import HarnessError
+    from harness.api.registry import METRICS
 
     folder = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "decoding_trust"
     if not folder.exists():
@@ -129,7 +129,7 @@ def test_unavailable_scorer_swapped_for_declared_fallback(tiny_dir, tmp_path, is
 
 
 def test_profanity_check_scores_offensive_text_higher():
-    from harness.registry import METRICS
+    from harness.api.registry import METRICS
 
     scorer = METRICS.get("profanity_check")()
     clean, rude, empty = scorer.score(["p"] * 3, ["have a lovely day", "shut up you stupid fucking idiot", ""])
@@ -143,8 +143,8 @@ def test_smoke_run_with_capability_and_trainability(tiny_dir, tmp_path, isolated
 
     if not (pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "viggo").exists():
         pytest.skip("shared data not present")
-    from harness.components import Defence
-    from harness.registry import DEFENCES
+    from harness.api.components import Defence
+    from harness.api.registry import DEFENCES
 
     class Scale(Defence):
         """Test defence: scales the LM head (changes capability without training)."""

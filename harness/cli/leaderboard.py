@@ -1,0 +1,91 @@
+"""``harness leaderboard`` and ``harness nightly`` sub-commands.
+
+    harness leaderboard RESULTS_DIR --out leaderboards/NAME [--format md,csv,html] [--no-plots]
+    harness nightly [--suite smoke] [--output DIR] [--baseline FILE] [--update-baseline]
+                    [--set KEY=VALUE ...] [--model ID_OR_FOLDER] [--reuse] [--keep-checkpoints]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def cmd_leaderboard(args) -> int:
+    from harness.api.errors import ConfigError
+    from harness.lib.store import load_records
+    from leaderboards.tables import FORMATS, write_leaderboard
+
+    results = Path(args.results)
+    if not results.is_dir():
+        raise ConfigError(f"results folder {str(results)!r} does not exist")
+    formats = [f.strip().lower() for f in args.format.split(",") if f.strip()]
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown or not formats:
+        raise ConfigError(f"--format {args.format!r}: choose from {', '.join(FORMATS)} (comma separated)")
+    records = load_records(results)
+    if not records:
+        print(f"warning: no records in {results}", file=sys.stderr)
+    out = Path(args.out)
+    figures: list[str] = []
+    if not args.no_plots:
+        from leaderboards.plots import all_plots
+
+        figures = [str(p.relative_to(out)) for p in all_plots(records, results, out)]
+    written = write_leaderboard(records, out, formats, title=args.title or f"Leaderboard: {out.name}", figures=figures)
+    for path in written + [out / f for f in figures]:
+        print(path)
+    return 0
+
+
+def cmd_nightly(args) -> int:
+    from harness.sweep.nightly import regression_lines, run_suite
+
+    result = run_suite(args.suite, args.output, baseline_path=args.baseline, update_baseline=args.update_baseline,
+                       extra_sets=args.sets, model=args.model, reuse=args.reuse,
+                       keep_checkpoints=args.keep_checkpoints, progress=not args.no_progress)
+    first = next((line for line in result.report.splitlines() if line.startswith("**")), "")
+    print(first.replace("**", ""))
+    for line in regression_lines(result.comparisons):
+        print(line)
+    for name, cell in result.cells.items():
+        for rec in cell.failed():
+            err = rec.get("error") or {}
+            print(f"FAILED TRIAL {name} seed {rec.get('seed')}: {rec.get('status')} in {err.get('stage')}: "
+                  f"{err.get('message')}")
+    print(f"report: {result.report_path}")
+    if args.update_baseline and result.exit_code == 0:
+        print(f"baseline: {result.baseline_path}")
+    return result.exit_code
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "leaderboard", help="tables (Markdown, CSV, HTML) and plots from a results folder",
+        description="Build the leaderboard tables (harmfulness, toxicity, capability, trainability, immunization "
+                    "criteria) and PNG plots from the result records in RESULTS_DIR.")
+    p.add_argument("results", metavar="RESULTS_DIR", help="folder of result records (harness run --output)")
+    p.add_argument("--out", required=True, help="output folder, e.g. leaderboards/smoke")
+    p.add_argument("--format", default="md,csv", help="comma-separated: md, csv, html (default md,csv)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--title", help="title of the Markdown/HTML page (default: 'Leaderboard: <out folder name>')")
+    p.set_defaults(func=cmd_leaderboard)
+
+    p = subparsers.add_parser(
+        "nightly", help="run a pinned regression suite and compare it with its baseline",
+        description="Run the trials of a suite (leaderboards/suites/NAME.yaml), compare every metric with "
+                    "results/baselines/NAME.json within per-metric tolerances, write a Markdown report; exit 1 on a "
+                    "regression, 0 otherwise. --update-baseline rewrites the baseline on purpose.")
+    p.add_argument("--suite", default="smoke", help="suite name (leaderboards/suites/*.yaml) or YAML path; default smoke")
+    p.add_argument("--output", help="run folder for records, report.md and leaderboard/ "
+                                    "(default results/nightly/SUITE)")
+    p.add_argument("--baseline", help="baseline JSON (default results/baselines/SUITE.json)")
+    p.add_argument("--update-baseline", action="store_true", help="write this run's metrics as the new baseline")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra override for every trial of the suite (repeatable)")
+    p.add_argument("--model", help="run every trial on this model instead of the suite's")
+    p.add_argument("--reuse", action="store_true", help="skip trials already finished in the run folder and keep "
+                                                        "defence checkpoints (default: rerun everything)")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep the defended checkpoints of this run")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_nightly)

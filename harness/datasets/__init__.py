@@ -1,3 +1,0 @@
-"""Built-in dataset loaders; each module registers one dataset."""
-
-from harness.datasets import beavertails, decoding_trust, local, smoke  # noqa: F401

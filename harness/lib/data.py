@@ -1,0 +1,146 @@
+"""Drawing the defence, attack and evaluation examples of a trial: seeded, disjoint, complete.
+
+Each role names a dataset (``defence.dataset``, ``attack.dataset``, ``attack.eval_dataset``).
+Roles that read the same dataset (same name and parameters) share one seeded permutation and
+take fixed, non-overlapping regions of it: the defence the first ``n_defence`` rows, the attack
+the next ``n_attack``, the evaluation the last ``n_eval``. So the defence data depends only on
+(dataset, seed, n_defence) — the defended checkpoint can be shared by every attack on it — and
+the evaluation prompts are the same for every cell of a sweep. With ``disjoint: true`` the roles
+are also checked for shared prompts across different datasets.
+
+Examples that lack a harmful answer or a refusal where the role needs one are completed by the
+base model (see ``harness.lib.synth``), and the record says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from harness.api.components import DatasetRef, Example
+from harness.api.errors import DataError
+from harness.api.registry import DATASETS
+
+ROLE_ORDER = ("defence", "attack", "eval")
+ROLE_FIELD = {"defence": "defence.samples", "attack": "attack.samples", "eval": "eval.samples"}
+
+
+@dataclass(frozen=True)
+class Request:
+    role: str
+    ref: DatasetRef
+    n: int
+    needs: tuple[str, ...]  # "response", "refusal"
+
+
+def ref_key(ref: DatasetRef) -> str:
+    return json.dumps({"name": ref.name, **ref.params()}, sort_keys=True, default=str)
+
+
+_LOADED: dict[str, list[Example]] = {}
+
+
+def load_dataset_ref(ref: DatasetRef) -> list[Example]:
+    key = ref_key(ref)
+    if key not in _LOADED:
+        loader = make_loader(ref)
+        rows = loader.load()
+        if not rows:
+            raise DataError(f"dataset {ref.name!r} ({loader.describe_source()}) holds no examples")
+        _LOADED[key] = rows
+    return _LOADED[key]
+
+
+def make_loader(ref: DatasetRef):
+    from pydantic import ValidationError
+
+    from harness.api.config import format_validation_error
+
+    cls = DATASETS.get(ref.name)
+    try:
+        return cls(cls.Config(**ref.params()))
+    except ValidationError as exc:
+        raise DataError(format_validation_error(exc, prefix=f"dataset {ref.name}", model=cls.Config)) from None
+
+
+def draw(requests: list[Request], seed: int, disjoint: bool = True) -> dict[str, list[Example]]:
+    groups: dict[str, list[Request]] = {}
+    for req in requests:
+        groups.setdefault(ref_key(req.ref), []).append(req)
+    out: dict[str, list[Example]] = {}
+    for key, reqs in groups.items():
+        rows = load_dataset_ref(reqs[0].ref)
+        need = sum(r.n for r in reqs)
+        if need > len(rows):
+            parts = ", ".join(f"{ROLE_FIELD.get(r.role, r.role)}={r.n}" for r in reqs)
+            raise DataError(f"dataset {reqs[0].ref.name!r} holds {len(rows)} examples but {need} were requested "
+                            f"({parts}); lower the sample counts so they sum to at most {len(rows)} "
+                            f"(e.g. --set {ROLE_FIELD.get(reqs[0].role, 'attack.samples')}=...)")
+        perm = list(range(len(rows)))
+        # seeded by the content, not the path: the same file anywhere gives the same split
+        random.Random(f"{seed}|{reqs[0].ref.name}|{content_fingerprint(rows)}").shuffle(perm)
+        by_role = {r.role: r for r in reqs}
+        cursor = 0
+        for role in ("defence", "attack"):
+            if role in by_role:
+                n = by_role[role].n
+                out[role] = [rows[i] for i in perm[cursor : cursor + n]]
+                cursor += n
+        if "eval" in by_role:
+            n = by_role["eval"].n
+            out["eval"] = [rows[i] for i in perm[len(perm) - n :]]
+    if disjoint:
+        check_disjoint(out)
+    return out
+
+
+def content_fingerprint(rows: list[Example]) -> str:
+    digest = hashlib.sha256()
+    for ex in rows:
+        digest.update(ex.prompt.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
+def check_disjoint(parts: dict[str, list[Example]]) -> None:
+    roles = [r for r in ROLE_ORDER if r in parts]
+    for i, a in enumerate(roles):
+        prompts_a = {ex.prompt.strip().lower() for ex in parts[a]}
+        for b in roles[i + 1 :]:
+            shared = prompts_a & {ex.prompt.strip().lower() for ex in parts[b]}
+            if shared:
+                sample = next(iter(shared))[:80]
+                raise DataError(f"{a} and {b} data share {len(shared)} prompt(s) (e.g. {sample!r}) but the spec says "
+                                "disjoint: true; choose different datasets/splits or set disjoint=false")
+
+
+def missing(examples: list[Example], needs: tuple[str, ...]) -> dict[str, int]:
+    return {field: sum(1 for ex in examples if not getattr(ex, field)) for field in needs}
+
+
+def summarize(parts: dict[str, list[Example]], requests: list[Request]) -> dict[str, Any]:
+    return {r.role: {"dataset": {"name": r.ref.name, **r.ref.params()}, "n": len(parts.get(r.role, []))}
+            for r in requests}
+
+
+def requests_for(spec, defence_cls, defence_cfg, attack_cfg) -> list[Request]:
+    reqs = []
+    if defence_cls.needs_data:
+        reqs.append(Request("defence", defence_cfg.dataset, defence_cfg.samples, ("response", "refusal")))
+    reqs.append(Request("attack", attack_cfg.dataset, attack_cfg.samples, ("response",)))
+    reqs.append(Request("eval", attack_cfg.eval_dataset, spec.eval.samples, ()))
+    return reqs
+
+
+def first_line_error(path: str, lineno: int, msg: str) -> DataError:
+    return DataError(f"{path}: line {lineno}: {msg}")
+
+
+def maybe(value: Optional[str]) -> Optional[str]:
+    if value is None:
+        return None
+    value = str(value).strip()
+    return value or None

@@ -1,0 +1,3 @@
+"""Built-in dataset loaders; each module registers one dataset."""
+
+from harness.lib.datasets import beavertails, decoding_trust, local, smoke  # noqa: F401

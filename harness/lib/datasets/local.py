@@ -1,0 +1,101 @@
+"""Examples from a local JSON, JSONL or CSV file, with a field mapping.
+
+``{name: local, path: data.jsonl, fields: {prompt: question, response: answer, refusal: refusal}}``.
+Dotted field names reach into nested objects (``prompt.text``). Rows whose prompt is empty are
+errors that name the line; an empty file is an error.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import Field
+
+from harness.api.components import ComponentConfig, DatasetLoader, Example
+from harness.lib.data import first_line_error, maybe
+from harness.api.errors import DataError
+from harness.api.registry import DATASETS
+
+
+def dig(row: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(row, dict):
+            return None
+        row = row.get(part)
+    return row
+
+
+def read_rows(path: Path, fmt: str = "auto") -> list[tuple[int, dict]]:
+    """``[(line_number, row), ...]``; malformed input raises DataError naming the line."""
+    if not path.exists():
+        raise DataError(f"data file {str(path)!r} does not exist")
+    fmt = fmt if fmt != "auto" else {".jsonl": "jsonl", ".json": "json", ".csv": "csv"}.get(path.suffix.lower(), "")
+    if not fmt:
+        raise DataError(f"data file {str(path)!r}: unknown format; use .json, .jsonl or .csv or set format")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise DataError(f"data file {str(path)!r} is empty")
+    rows: list[tuple[int, dict]] = []
+    if fmt == "jsonl":
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise first_line_error(str(path), n, f"invalid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise first_line_error(str(path), n, "expected a JSON object")
+            rows.append((n, row))
+    elif fmt == "json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise first_line_error(str(path), exc.lineno, f"invalid JSON ({exc.msg})") from None
+        if isinstance(data, dict):
+            data = next((v for v in data.values() if isinstance(v, list)), None)
+        if not isinstance(data, list):
+            raise DataError(f"data file {str(path)!r}: expected a JSON list of objects")
+        for n, row in enumerate(data, 1):
+            if not isinstance(row, dict):
+                raise DataError(f"data file {str(path)!r}: item {n} is not an object")
+            rows.append((n, row))
+    else:
+        with path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            for n, row in enumerate(reader, 2):
+                if None in row:
+                    raise first_line_error(str(path), n, "more cells than header columns")
+                rows.append((n, dict(row)))
+    if not rows:
+        raise DataError(f"data file {str(path)!r} holds no rows")
+    return rows
+
+
+@DATASETS.register("local")
+class LocalFile(DatasetLoader):
+    """Harmful QA rows from a local JSON/JSONL/CSV file with a field mapping."""
+
+    class Config(ComponentConfig):
+        path: str
+        format: Literal["auto", "json", "jsonl", "csv"] = "auto"
+        fields: dict[Literal["prompt", "response", "refusal"], str] = Field(
+            default_factory=lambda: {"prompt": "prompt", "response": "response", "refusal": "refusal"})
+
+    def load(self) -> list[Example]:
+        path = Path(self.config.path).expanduser()
+        fields = {"prompt": "prompt", "response": "response", "refusal": "refusal", **self.config.fields}
+        out = []
+        for n, row in read_rows(path, self.config.format):
+            prompt = maybe(dig(row, fields["prompt"]))
+            if prompt is None:
+                raise first_line_error(str(path), n, f"field {fields['prompt']!r} (prompt) is missing or empty")
+            out.append(Example(prompt=prompt, response=maybe(dig(row, fields["response"])),
+                               refusal=maybe(dig(row, fields["refusal"])), meta={"line": n}))
+        return out
+
+    def describe_source(self) -> str:
+        return f"local file {self.config.path}"
