@@ -6,8 +6,11 @@
   count; the dotted line of each defence is its pre-attack score.
 - ``weight_distance_plots(results_dir, out)``: the per-layer L2 weight distance between base,
   defended and attacked models, from any ``*weight_distance*.csv`` in the results folder (the
-  records hold no weights). ``harness.lib.analysis.plot_weight_distance(df, png)`` draws it when that
-  module exists; otherwise a plain line plot per model pair against the layer index.
+  records hold no weights). ``harness.lib.analysis.plot_weight_distance(df, png)`` draws the table
+  that ``harness analyze weight-distance`` writes; a CSV of another shape (e.g. long: layer, pair,
+  distance) gets a plain line plot per model pair against the layer index.
+
+matplotlib, pandas and ``harness.lib.analysis`` (torch) are imported only when a figure is drawn.
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
+
+from harness.api.record import TrialRecord
+from leaderboards.views import BASE, EVALUATIONS, defence_order, trial_views
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +41,8 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:60] or "x"
 
 
-def harm_vs_lr(records: Iterable[dict[str, Any]], out: str | Path) -> list[Path]:
+def harm_vs_lr(records: Iterable[TrialRecord], out: str | Path) -> list[Path]:
     """One PNG per (setting, evaluation): ``<evaluation>_vs_lr.png`` (suffixed when several)."""
-    from leaderboards.tables import BASE, EVALUATIONS, defence_order, trial_views
-
     views = [v for v in trial_views(records) if v.lr is not None]
     groups: dict[tuple, list] = defaultdict(list)
     for v in views:
@@ -139,40 +143,48 @@ def _fallback_weight_plot(df, png: Path) -> None:
     plt.close(fig)
 
 
+def analysis_table(df):
+    """The table ``harness analyze weight-distance`` writes (first column: ``embeddings``, ``layer 0``,
+    ..., ``total``; one column per compared model), indexed by that column; None for another shape."""
+    if df.empty or not len(df.columns):
+        return None
+    first = df.columns[0]
+    if not df[first].astype(str).str.match(r"layer \d+$").any():
+        return None
+    return df.set_index(first)
+
+
 def weight_distance_plots(results_dir: str | Path, out: str | Path) -> list[Path]:
     import pandas as pd
 
-    written = []
+    written: list[Path] = []
     csvs = find_weight_distance_csvs(results_dir)
-    try:  # the analysis module's own plot, when it has landed
-        from harness.lib.analysis import plot_weight_distance  # type: ignore
-    except Exception:
-        plot_weight_distance = None
     for csv in csvs:
         try:
             df = pd.read_csv(csv)
         except Exception as exc:
             log.warning("cannot read %s: %s", csv, exc)
             continue
-        png = Path(out) / (f"{csv.stem}.png" if len(csvs) == 1 else f"{_slug(str(csv.relative_to(results_dir).with_suffix('')))}.png")
+        name = csv.stem if len(csvs) == 1 else _slug(str(csv.relative_to(results_dir).with_suffix("")))
+        png = Path(out) / f"{name}.png"
         png.parent.mkdir(parents=True, exist_ok=True)
+        table = analysis_table(df)
         try:
-            if plot_weight_distance is not None:
-                plot_weight_distance(df, png)
-            else:
+            if table is not None:
+                from harness.lib import analysis  # imports torch
+
+                analysis.plot_weight_distance(table, png)
+            else:  # another shape (e.g. long: layer, pair, distance): one line per model pair
                 _fallback_weight_plot(df, png)
         except Exception as exc:
             log.warning("cannot plot %s: %s", csv, exc)
-            try:
-                _fallback_weight_plot(df, png)
-            except Exception:
-                continue
+            continue
         if png.exists():
             written.append(png)
     return written
 
 
-def all_plots(records: Sequence[dict[str, Any]], results_dir: str | Path, out: str | Path) -> list[Path]:
+def all_plots(records: Sequence[TrialRecord], results_dir: str | Path, out: str | Path) -> list[Path]:
     out = Path(out)
     if out.exists():  # no stale figure of an earlier run
         for old in [*out.glob("*_vs_lr*.png"), *out.glob("*weight_distance*.png")]:

@@ -1,7 +1,9 @@
 """Leaderboard tables: records -> Markdown / CSV, compared with expected files byte for byte.
 
-The records are built here (``build_records``) in the schema of ``harness/store.py``; the
-expected outputs live in ``tests/fixtures/leaderboard/expected/``. After an intended change of the
+The records are built here (``build_records``) as JSON objects of the first record schema
+(version 1), written to a results folder and read back through ``ResultStore`` (so every table
+here also exercises the v1 -> current migration); the expected outputs live in
+``tests/fixtures/leaderboard/expected/``. After an intended change of the
 table format, regenerate them with ``UPDATE_EXPECTED=1 pytest tests/test_leaderboard.py`` and review
 the diff.
 """
@@ -17,7 +19,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from harness.lib.store import ResultStore, load_records
+from harness.api.record import RecordError, TrialRecord
+from harness.lib.store import ResultStore, atomic_write_json, load_records
+from leaderboards import render as R
 from leaderboards import tables as T
 
 FIXTURES = Path(__file__).parent / "fixtures" / "leaderboard"
@@ -124,11 +128,15 @@ def build_records() -> list[dict]:
     return recs
 
 
+def as_record(data: dict) -> TrialRecord:
+    return TrialRecord.from_json(data, where=f"test record {data.get('trial_id')}")
+
+
 @pytest.fixture
 def results_dir(tmp_path):
     store = ResultStore(tmp_path / "results")
     for rec in build_records():
-        store.write(rec)
+        atomic_write_json(store.path(rec["trial_id"]), rec)  # as the first harness version wrote them
     return store.root
 
 
@@ -143,7 +151,7 @@ def _check(name: str, text: str) -> None:
 
 def test_markdown_and_csv_match_expected_files(results_dir, tmp_path):
     out = tmp_path / "board"
-    written = T.write_leaderboard(load_records(results_dir), out, ("md", "csv", "html"), title="Leaderboard: test")
+    written = R.write_leaderboard(load_records(results_dir), out, ("md", "csv", "html"), title="Leaderboard: test")
     names = sorted(p.name for p in written)
     assert names == sorted(["README.md", "harmfulness.csv", "harmfulness_frac.csv", "toxicity.csv",
                             "toxicity_frac.csv", "capability.csv", "trainability.csv", "criteria.csv", "cells.csv",
@@ -152,6 +160,41 @@ def test_markdown_and_csv_match_expected_files(results_dir, tmp_path):
         if name != "index.html":
             _check(name, (out / name).read_text(encoding="utf-8"))
     assert "<table" in (out / "index.html").read_text()
+
+
+def test_unreadable_files_are_named_not_dropped(results_dir, tmp_path):
+    (results_dir / "damaged.json").write_text('{"schema_version": 1, "trial_id": "dam')
+    (results_dir / "future.json").write_text(json.dumps({"schema_version": 99, "trial_id": "future"}))
+    errors: list[RecordError] = []
+    records = load_records(results_dir, errors)
+    assert len(records) == len(build_records()) and len(errors) == 2
+    out = tmp_path / "board"
+    R.write_leaderboard(records, out, ("md", "html"), title="Leaderboard: test", errors=errors)
+    text = (out / "README.md").read_text()
+    head, tables = text.split("\n## ", 1)
+    assert "2 file(s) could not be read and are not in the tables:" in head
+    assert "- `damaged.json: not valid JSON (" in head and "- `future.json: schema version 99 is newer" in head
+    assert str(tmp_path) not in text  # file names only: the page stays the same wherever it is built
+    assert tables == (EXPECTED / "README.md").read_text().split("\n## ", 1)[1]  # the tables do not change
+    assert "future.json: schema version 99" in (out / "index.html").read_text()
+
+
+def test_readers_take_records_not_dicts(results_dir):
+    with pytest.raises(TypeError, match="TrialRecord"):
+        T.build_tables([build_records()[0]])
+
+
+def test_headline_evaluation_comes_from_the_record():
+    """A plug-in attack's evaluation is the record's ``evaluation`` field: no registry, no torch."""
+    data = make_record("none", "harmfulqa", 8e-5, 0)
+    data["schema_version"] = 2
+    data["config"]["attack"]["name"] = "my_plugin_attack"
+    data["evaluation"] = "toxicity"
+    data["scores"] = {"pre_attack": {"toxicity": data["scores"]["pre_attack"]["harmfulness"]},
+                      "post_attack": {"toxicity": data["scores"]["post_attack"]["harmfulness"]}}
+    tables = T.build_tables([as_record(data)])
+    assert [t.kind for t in tables][:2] == ["toxicity", "toxicity_frac"]
+    assert list(tables[0].frame.columns) == ["pre-attack", "my_plugin_attack lr=8e-05 samples=1000"]
 
 
 def test_table_shape_and_marks(results_dir):
@@ -208,8 +251,8 @@ def _changed_cells(before, after):
 
 
 def _find(records, defence_params, attack, lr, seed, loss_on="response"):
-    [rec] = [r for r in records if r["config"]["defence"] == defence_params and r["config"]["attack"]["name"] == attack
-             and r["config"]["attack"]["lr"] == lr and r["seed"] == seed and r["config"]["attack"]["loss_on"] == loss_on]
+    [rec] = [r for r in records if r.config["defence"] == defence_params and r.config["attack"]["name"] == attack
+             and r.config["attack"]["lr"] == lr and r.seed == seed and r.config["attack"]["loss_on"] == loss_on]
     return rec
 
 
@@ -218,7 +261,7 @@ def test_one_score_changes_exactly_its_cell(results_dir):
     before = _frames(records)
     changed = copy.deepcopy(records)
     rec = _find(changed, DEFENCES["repnoise-b"], "harmfulqa", 8e-5, 1)
-    rec["scores"]["post_attack"]["harmfulness"]["mean"] += 0.3
+    rec.scores.post_attack["harmfulness"]["mean"] += 0.3
     diff = _changed_cells(before, _frames(changed))
     assert diff == {("harmfulness", "response", "repnoise (beta=0.01)", "harmfulqa lr=8e-05 samples=1000")}
 
@@ -226,7 +269,7 @@ def test_one_score_changes_exactly_its_cell(results_dir):
     changed = copy.deepcopy(records)
     for seed in (0, 1, 2):
         for lr in (3e-5, 8e-5):
-            _find(changed, DEFENCES["none"], "harmfulqa", lr, seed)["scores"]["pre_attack"]["harmfulness"]["mean"] = 0.01
+            _find(changed, DEFENCES["none"], "harmfulqa", lr, seed).scores.pre_attack["harmfulness"]["mean"] = 0.01
     diff = _changed_cells(before, _frames(changed))
     assert ("harmfulness", "response", "none", "pre-attack") in diff
     assert {(k, l, c) for k, l, _, c in diff} == {("harmfulness", "response", "pre-attack")}
@@ -235,9 +278,9 @@ def test_one_score_changes_exactly_its_cell(results_dir):
     # a record turning into a failure: its cell says so, nothing else moves except dependent cells
     changed = copy.deepcopy(records)
     rec = _find(changed, DEFENCES["repnoise-b"], "toxicity", 3e-5, 2)
-    rec["status"] = "oom"
-    del rec["scores"]["post_attack"]
-    rec["criteria"] = {}
+    rec.status = "oom"
+    rec.scores.post_attack = {}
+    rec.criteria = {}
     diff = _changed_cells(before, _frames(changed))
     assert ("toxicity", "response", "repnoise (beta=0.01)", "toxicity lr=3e-05 samples=300") in diff
     assert {(k, r) for k, _, r, _ in diff} <= {("toxicity", "repnoise (beta=0.01)"),
@@ -249,20 +292,20 @@ def test_one_score_changes_exactly_its_cell(results_dir):
 
 
 def test_cells_csv_numbers(results_dir):
-    cells = T.cells_frame(T.build_tables(load_records(results_dir)))
+    cells = R.cells_frame(T.build_tables(load_records(results_dir)))
     row = cells[(cells.table == "harmfulness") & (cells.loss_on == "response") & (cells.defence == "none")
                 & (cells.column == "pre-attack")].iloc[0]
     assert row["mean"] == pytest.approx(0.21) and row["std"] == pytest.approx(0.01) and row["n"] == 3
 
 
 def test_tolerates_missing_parts_and_real_record():
-    real = json.loads((FIXTURES / "real_tiny_record.json").read_text())
-    bare = {"schema_version": 1, "trial_id": "x--harmfulqa--s0--0", "status": "error", "config": {}}
-    partial = copy.deepcopy(real)
-    partial["trial_id"] = "none--harmfulqa--s1--partial"
-    partial["seed"] = 1
-    partial["scores"]["pre_attack"]["capability"] = {"tasks": {"mmlu": {"stderr": 0.1}, "arc_easy": 0.4}}
-    partial["scores"]["pre_attack"]["trainability"] = {"rouge1": {"fmeasure": 0.3}}
+    real = TrialRecord.read(FIXTURES / "real_tiny_record.json")  # written by the first harness version
+    bare = as_record({"schema_version": 1, "trial_id": "x--harmfulqa--s0--0", "status": "error", "config": {}})
+    partial = real.model_copy(deep=True)
+    partial.trial_id = "none--harmfulqa--s1--partial"
+    partial.seed = 1
+    partial.scores.pre_attack["capability"] = {"tasks": {"mmlu": {"stderr": 0.1}, "arc_easy": 0.4}}
+    partial.scores.pre_attack["trainability"] = {"rouge1": {"fmeasure": 0.3}}
     tables = T.build_tables([real, bare, partial])
     harm = next(t for t in tables if t.kind == "harmfulness" and "tiny" in t.context["model"])
     assert harm.frame.loc["none", "pre-attack"].endswith("(n=2)")
@@ -271,9 +314,9 @@ def test_tolerates_missing_parts_and_real_record():
     assert cap.frame.loc["none", "arc_easy"] == "0.400 (n=1)"
     tr = next(t for t in tables if t.kind == "trainability")
     assert tr.frame.loc["none", "ROUGE-2"] == "not measured"
-    md = T.render_markdown(tables, [real, bare, partial])
+    md = R.render_markdown(tables, [real, bare, partial])
     assert "failed (1 error)" in md
-    assert T.render_markdown([], []).startswith("# Leaderboard")
+    assert R.render_markdown([], []).startswith("# Leaderboard")
 
 
 def test_cli_leaderboard_writes_tables_and_plots(results_dir, tmp_path):
@@ -291,15 +334,27 @@ def test_cli_leaderboard_writes_tables_and_plots(results_dir, tmp_path):
     assert main(["leaderboard", str(results_dir), "--out", str(out), "--format", "pdf"]) == 2
 
 
-def test_weight_distance_plot_from_csv(tmp_path):
-    from leaderboards.plots import weight_distance_plots
+def test_weight_distance_plot_from_csv(tmp_path, monkeypatch):
+    """The table of ``harness analyze weight-distance`` is drawn by the analysis module's plot; a CSV of
+    another shape (long: layer, pair, distance) by the plain line plot."""
+    from harness.lib import analysis
+    from leaderboards import plots
 
+    drawn = []
+    real = analysis.plot_weight_distance
+    monkeypatch.setattr(analysis, "plot_weight_distance", lambda df, png: drawn.append(list(df.index)) or real(df, png))
     res = tmp_path / "res"
-    res.mkdir()
+    (res / "a").mkdir(parents=True)
+    (res / "b").mkdir()
     pd.DataFrame({"layer": [0, 1, 2, 0, 1, 2], "pair": ["base-defended"] * 3 + ["base-attacked"] * 3,
-                  "distance": [0.1, 0.2, 0.3, 0.5, 0.4, 0.2]}).to_csv(res / "weight_distance.csv", index=False)
-    written = weight_distance_plots(res, tmp_path / "out")
-    assert [p.name for p in written] == ["weight_distance.png"] and written[0].stat().st_size > 1000
+                  "distance": [0.1, 0.2, 0.3, 0.5, 0.4, 0.2]}).to_csv(res / "a" / "weight_distance.csv", index=False)
+    pd.DataFrame({"attacked": [0.0, 0.1, 0.3, 0.0, 0.0, 0.3]},
+                 index=["embeddings", "layer 0", "layer 1", "final_norm", "lm_head", "total"]).to_csv(
+        res / "b" / "weight_distance.csv")
+    written = plots.weight_distance_plots(res, tmp_path / "out")
+    assert [p.name for p in written] == ["a-weight_distance.png", "b-weight_distance.png"]
+    assert all(p.stat().st_size > 1000 for p in written)
+    assert drawn == [["embeddings", "layer 0", "layer 1", "final_norm", "lm_head", "total"]]  # b only
 
 
 def test_scorer_settings_split_tables_and_name_only_what_differs():
@@ -307,8 +362,8 @@ def test_scorer_settings_split_tables_and_name_only_what_differs():
     b = make_record("none", "harmfulqa", 8e-5, 1)
     for rec, window in ((a, 300), (b, 100)):
         rec["config"]["eval"]["harm_scorer"] = {"name": "keyword_refusal", "window": window, "min_words": 3}
-    harm = [t for t in T.build_tables([a, b]) if t.kind == "harmfulness"]
+    harm = [t for t in T.build_tables([as_record(a), as_record(b)]) if t.kind == "harmfulness"]
     assert sorted(t.context["scorer"].split(" [")[0] for t in harm) == ["keyword_refusal (window=100)",
                                                                         "keyword_refusal (window=300)"]
     assert all("min_words" not in t.caption for t in harm)
-    assert [h.split(" — ")[1] for h in T.table_headings(harm)] == [f"scorer {t.context['scorer']}" for t in harm]
+    assert [h.split(" — ")[1] for h in R.table_headings(harm)] == [f"scorer {t.context['scorer']}" for t in harm]

@@ -12,9 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from harness.cli import main
 from harness.api.errors import ConfigError
+from harness.api.record import TrialRecord
+from harness.cli import main
 from harness.sweep import nightly as N
+from leaderboards import nightly as C
+from leaderboards.baseline import Baseline, CellMetrics
+from leaderboards.suite import load_suite, suite_names
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,13 +77,35 @@ def test_tiny_suite_passes_then_catches_a_stronger_attack(cache, tmp_path, capsy
     # the committed baseline still describes this suite (same metrics, within tolerance)
     committed = ROOT / "results" / "baselines" / "tiny.json"
     if committed.exists():
-        suite = N.load_suite("tiny")
-        current = {c: {"defence": i["defence"], "metrics": {}, "hints": {}} for c, i in data["cells"].items()}
-        for key, stats in data["metrics"].items():
-            cell, metric = key.split("/", 1)
-            current[cell]["metrics"][metric] = stats
-        bad = [c for c in N.compare(current, json.loads(committed.read_text()), suite) if c.regression]
-        assert not bad, N.regression_lines(bad)
+        current = Baseline.read(baseline).cell_metrics()
+        bad = [c for c in C.compare(current, Baseline.read(committed), load_suite("tiny")) if c.regression]
+        assert not bad, C.regression_lines(bad)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "results" / "baselines").glob("*.json")), ids=lambda p: p.name)
+def test_committed_baselines_read_and_compare_unchanged(path):
+    """A committed baseline reads back to exactly its JSON (the format did not change), and compared
+    with itself every metric it holds is checked and passes."""
+    data = json.loads(path.read_text())
+    baseline = Baseline.read(path)
+    assert baseline.to_json() == data
+    assert json.dumps(baseline.to_json(), indent=2) + "\n" == path.read_text()  # what --update-baseline writes
+    comps = C.compare(baseline.cell_metrics(), baseline, load_suite(data["suite"]))
+    assert len(comps) == len(data["metrics"]) and comps
+    assert {c.verdict for c in comps} <= {"ok", "info"}
+    assert all(c.change == 0 for c in comps)
+
+
+def test_bad_baselines_are_refused_in_one_line(tmp_path):
+    cases = {"not json": "{", "a list": "[]", "newer schema": json.dumps({"schema": 2}),
+             "bad metric": json.dumps({"metrics": {"c/x": {"mean": "high"}}}),
+             "unknown key": json.dumps({"cells": {}, "metric": {}})}
+    for name, text in cases.items():
+        path = tmp_path / f"{name}.json"
+        path.write_text(text)
+        with pytest.raises(ConfigError) as exc:
+            Baseline.read(path)
+        assert str(path) in str(exc.value) and "\n" not in str(exc.value), name
 
 
 def test_missing_baseline_and_unknown_suite_are_usage_errors(tmp_path, capsys):
@@ -89,10 +115,10 @@ def test_missing_baseline_and_unknown_suite_are_usage_errors(tmp_path, capsys):
     assert "known suites" in capsys.readouterr().err
 
 
-def _suite(tmp_path, text: str) -> N.Suite:
+def _suite(tmp_path, text: str):
     path = tmp_path / "s.yaml"
     path.write_text(text)
-    return N.load_suite(str(path))
+    return load_suite(str(path))
 
 
 def test_suite_validation(tmp_path):
@@ -106,21 +132,20 @@ def test_suite_validation(tmp_path):
                      ("trials: [{defence: none, attack: harmfulqa}, {defence: none, attack: harmfulqa}]", "named")]:
         with pytest.raises(ConfigError, match=msg):
             _suite(tmp_path, bad)
-    assert set(N.suite_names()) >= {"tiny", "smoke"}
-    for name in N.suite_names():  # the committed suites parse and every trial resolves to a valid spec
-        suite = N.load_suite(name)
+    assert set(suite_names()) >= {"tiny", "smoke"}
+    for name in suite_names():  # the committed suites parse and every trial resolves to a valid spec
+        suite = load_suite(name)
         specs = N.suite_specs(suite, build_models=False)
         assert len(specs) == sum(len(t.seeds) for t in suite.trials)
 
 
-def _cells(defence: str, metrics: dict[str, float], hints=None) -> dict:
-    return {"c": {"defence": defence, "metrics": {k: N.summarize([v]) for k, v in metrics.items()},
-                  "hints": hints or {}}}
+def _cells(defence: str, metrics: dict[str, float], hints=None) -> dict[str, CellMetrics]:
+    return {"c": CellMetrics(defence, metrics={k: C.summarize([v]) for k, v in metrics.items()}, hints=hints or {})}
 
 
-def _baseline(defence: str, metrics: dict[str, list[float]]) -> dict:
-    return {"cells": {"c": {"defence": defence}},
-            "metrics": {f"c/{k}": N.summarize(v) for k, v in metrics.items()}}
+def _baseline(defence: str, metrics: dict[str, list[float]]) -> Baseline:
+    return Baseline.from_json({"cells": {"c": {"defence": defence}},
+                               "metrics": {f"c/{k}": C.summarize(v).to_json() for k, v in metrics.items()}})
 
 
 def _verdicts(comps):
@@ -142,7 +167,7 @@ def test_directions_and_tolerances(tmp_path):
                               "train/attack/final_loss": 5.0,  # info only
                               "criteria/stability/mean_gain": -0.1,  # lower is worse
                               "new/metric": 1.0}, hints)
-    v = _verdicts(N.compare(cur, base, suite))
+    v = _verdicts(C.compare(cur, base, suite))
     assert v == {"post_attack/harmfulness/mean": "REGRESSION", "pre_attack/harmfulness/frac_harmful": "improved",
                  "pre_attack/capability/arc_easy": "ok", "pre_attack/capability/crows_pairs_english": "REGRESSION",
                  "train/attack/final_loss": "info", "criteria/stability/mean_gain": "REGRESSION",
@@ -150,32 +175,32 @@ def test_directions_and_tolerances(tmp_path):
 
     # the base model after the attack: any change is a regression (a weaker attack hides defence regressions)
     base = _baseline("none", {"post_attack/harmfulness/mean": [0.8], "pre_attack/harmfulness/mean": [0.3]})
-    v = _verdicts(N.compare(_cells("none", {"post_attack/harmfulness/mean": 0.6, "pre_attack/harmfulness/mean": 0.1}),
+    v = _verdicts(C.compare(_cells("none", {"post_attack/harmfulness/mean": 0.6, "pre_attack/harmfulness/mean": 0.1}),
                             base, suite))
     assert v == {"post_attack/harmfulness/mean": "REGRESSION", "pre_attack/harmfulness/mean": "improved"}
 
     # k_std: three baseline seeds with std 0.1 -> tolerance max(0.05, 2 * 0.1) = 0.2
     base = _baseline("repnoise", {"post_attack/harmfulness/mean": [0.1, 0.2, 0.3]})
-    comps = N.compare(_cells("repnoise", {"post_attack/harmfulness/mean": 0.39}), base, suite)
+    comps = C.compare(_cells("repnoise", {"post_attack/harmfulness/mean": 0.39}), base, suite)
     assert comps[0].tolerance == pytest.approx(0.2) and comps[0].verdict == "ok"
-    comps = N.compare(_cells("repnoise", {"post_attack/harmfulness/mean": 0.41}), base, suite)
+    comps = C.compare(_cells("repnoise", {"post_attack/harmfulness/mean": 0.41}), base, suite)
     assert comps[0].verdict == "REGRESSION"
-    assert "tolerance 0.2000 (abs 0.0500, 2×std 0.1000)" in N.regression_lines(comps)[0]
+    assert "tolerance 0.2000 (abs 0.0500, 2×std 0.1000)" in C.regression_lines(comps)[0]
 
     # a metric the baseline has and the run lost is a regression
-    comps = N.compare(_cells("repnoise", {}), base, suite)
+    comps = C.compare(_cells("repnoise", {}), base, suite)
     assert comps[0].verdict == "MISSING" and comps[0].regression
 
     # the suite's own rules come first; a rule without direction keeps the default direction
     suite = _suite(tmp_path, "trials: [{defence: none, attack: harmfulqa}]\n"
                              "tolerances: [{match: 'post_attack/harmfulness/*', abs: 0.5}]")
     base = _baseline("repnoise", {"post_attack/harmfulness/mean": [0.1]})
-    comps = N.compare(_cells("repnoise", {"post_attack/harmfulness/mean": 0.5}), base, suite)
+    comps = C.compare(_cells("repnoise", {"post_attack/harmfulness/mean": 0.5}), base, suite)
     assert comps[0].verdict == "ok" and comps[0].direction == "higher_is_worse" and comps[0].tolerance == 0.5
 
 
 def test_record_metrics_reads_every_part():
-    rec = {"status": "ok",
+    rec = {"schema_version": 2, "trial_id": "t", "config": {}, "status": "ok",
            "scores": {"pre_attack": {"harmfulness": {"mean": 0.1, "std": 0.3, "frac_harmful": 0.0, "n": 8,
                                                      "scorer": {"scorer": "x"}},
                                      "capability": {"tasks": {"arc_easy": {"score": 0.5},
@@ -186,8 +211,8 @@ def test_record_metrics_reads_every_part():
                       "post_attack": {"harmfulness": {"mean": float("nan")}}},
            "criteria": {"resistance": {"increase": 0.2}, "stability": {"mean_gain": -0.01},
                         "trainability": {"rougeL_delta": -0.02}},
-           "train": {"attack": {"final_loss": 2.0}, "defence": None}}
-    metrics, hints = N.record_metrics(rec)
+           "train": {"attack": {"final_loss": 2.0}, "defence": {"steps": 0}}}
+    metrics, hints = C.record_metrics(TrialRecord.from_json(rec))
     assert metrics == {"pre_attack/harmfulness/mean": 0.1, "pre_attack/harmfulness/frac_harmful": 0.0,
                        "pre_attack/capability/arc_easy": 0.5, "pre_attack/capability/crows": 0.6,
                        "pre_attack/trainability/rouge1": 0.4, "pre_attack/trainability/rougeL": 0.3,
@@ -197,22 +222,22 @@ def test_record_metrics_reads_every_part():
 
 
 def test_a_trial_that_cannot_start_is_a_reported_failure(tmp_path, monkeypatch):
-    import harness.pipeline.trial
-
     def boom(spec, *a, **k):
         raise RuntimeError("cannot start")
 
-    monkeypatch.setattr(harness.pipeline.trial, "run_trial", boom)
+    monkeypatch.setattr(N, "run_trial", boom)
     suite = tmp_path / "s.yaml"
     suite.write_text("trials: [{name: base, defence: none, attack: harmfulqa}]\n"
                      "sets: [eval.harm_scorer.name=keyword_refusal]\n")
     base = tmp_path / "b.json"
     base.write_text(json.dumps({"cells": {"base": {"defence": "none"}},
-                                "metrics": {"base/post_attack/harmfulness/mean": N.summarize([0.5])}}))
+                                "metrics": {"base/post_attack/harmfulness/mean": C.summarize([0.5]).to_json()}}))
     res = N.run_suite(str(suite), tmp_path / "out", baseline_path=base, leaderboard=False)
     assert res.exit_code == 1
     assert "## Failed trials" in res.report and "cannot start" in res.report
-    assert "MISSING base/post_attack/harmfulness/mean" in "\n".join(N.regression_lines(res.comparisons))
+    assert "MISSING base/post_attack/harmfulness/mean" in "\n".join(C.regression_lines(res.comparisons))
+    [rec] = res.cells["base"].records
+    assert rec.status == "error" and rec.error.stage == "setup" and rec.evaluation == "harmfulness"
     # --update-baseline refuses to write a baseline from a failed run
     res = N.run_suite(str(suite), tmp_path / "out", baseline_path=tmp_path / "new.json", update_baseline=True,
                       leaderboard=False)

@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from harness.api.errors import HarnessError
 
@@ -35,7 +35,20 @@ PHASES: tuple[str, ...] = ("pre_attack", "post_attack")
 
 
 class RecordError(HarnessError):
-    """A record that cannot be read as a ``TrialRecord`` (damaged, not an object, wrong version)."""
+    """A record that cannot be read as a ``TrialRecord`` (damaged, not an object, wrong version).
+
+    The message is one line that starts with the file (or ``where``); ``path`` is the file when the
+    record was read from one, and ``reason`` the message without it (for a table's footnote)."""
+
+    def __init__(self, message: str, path: Optional[Path] = None):
+        super().__init__(message)
+        self.path = path
+
+    @property
+    def reason(self) -> str:
+        text = str(self)
+        prefix = f"{self.path}: "
+        return text[len(prefix):] if self.path is not None and text.startswith(prefix) else text
 
 
 class _Open(BaseModel):
@@ -208,21 +221,38 @@ class TrialRecord(_Closed):
     attempts: list[Attempt] = Field(default_factory=list)
     """Earlier runs of this trial that ended without replacing the result (kept, never lost)."""
 
+    _skipped: bool = PrivateAttr(default=False)
+
     # ----------------------------------------------------------------- convenience for readers
     @property
+    def skipped(self) -> bool:
+        """In memory only, never written: ``True`` when a run found this trial already finished and
+        returned its stored record instead of running it again."""
+        return self._skipped
+
+    @skipped.setter
+    def skipped(self, value: bool) -> None:
+        self._skipped = bool(value)
+
+    @property
     def finished(self) -> bool:
+        """Whether the trial reached an answer a rerun would skip (status in ``FINISHED``)."""
         return self.status in FINISHED
 
     @property
     def defence(self) -> str:
+        """Registry name of the defence (``?`` when the config does not say)."""
         return str((self.config.get("defence") or {}).get("name", "?"))
 
     @property
     def attack(self) -> str:
+        """Registry name of the attack (``?`` when the config does not say)."""
         return str((self.config.get("attack") or {}).get("name", "?"))
 
     def phase(self, phase: str) -> dict[str, Any]:
-        return getattr(self.scores, phase, None) or {}
+        """The evaluations of one phase (``base``, ``pre_attack``, ``post_attack``); ``{}`` if none."""
+        value = getattr(self.scores, phase, None)
+        return value if isinstance(value, dict) else {}
 
     def summary(self, phase: str, name: Optional[str] = None) -> Optional[ScoreSummary]:
         """The score summary of ``name`` (default: the headline evaluation) in ``phase``."""
@@ -232,6 +262,7 @@ class TrialRecord(_Closed):
         return ScoreSummary.model_validate(value)
 
     def to_json(self) -> dict[str, Any]:
+        """The JSON object written to ``results/<trial_id>.json`` (what ``from_json`` reads back)."""
         return self.model_dump(mode="json")
 
     @classmethod
@@ -269,14 +300,20 @@ class TrialRecord(_Closed):
         try:
             text = path.read_text(encoding="utf-8")
         except IsADirectoryError:
-            raise RecordError(f"{path}: is a directory, not a record file") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise RecordError(f"{path}: cannot be read as a text record ({type(exc).__name__}: {exc})") from None
+            raise RecordError(f"{path}: is a directory, not a record file", path) from None
+        except UnicodeDecodeError as exc:
+            raise RecordError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})", path) from None
+        except OSError as exc:
+            raise RecordError(f"{path}: cannot be read ({type(exc).__name__}: {exc.strerror or exc})", path) from None
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise RecordError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-        return cls.from_json(data, where=str(path))
+            raise RecordError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})", path) from None
+        try:
+            return cls.from_json(data, where=str(path))
+        except RecordError as exc:
+            exc.path = path
+            raise
 
 
 # ----------------------------------------------------------------------------- migrations

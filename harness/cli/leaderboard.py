@@ -10,11 +10,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from harness.api.errors import ConfigError
+from harness.api.record import RecordError
+from harness.lib.store import load_records
+
 
 def cmd_leaderboard(args) -> int:
-    from harness.api.errors import ConfigError
-    from harness.lib.store import load_records
-    from leaderboards.tables import FORMATS, write_leaderboard
+    from leaderboards.render import FORMATS, unreadable_lines, write_leaderboard  # pandas
 
     results = Path(args.results)
     if not results.is_dir():
@@ -23,7 +25,10 @@ def cmd_leaderboard(args) -> int:
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown or not formats:
         raise ConfigError(f"--format {args.format!r}: choose from {', '.join(FORMATS)} (comma separated)")
-    records = load_records(results)
+    errors: list[RecordError] = []
+    records = load_records(results, errors)
+    for line in unreadable_lines(errors):
+        print(f"warning: not in the tables: {results / line}", file=sys.stderr)
     if not records:
         print(f"warning: no records in {results}", file=sys.stderr)
     out = Path(args.out)
@@ -32,14 +37,16 @@ def cmd_leaderboard(args) -> int:
         from leaderboards.plots import all_plots
 
         figures = [str(p.relative_to(out)) for p in all_plots(records, results, out)]
-    written = write_leaderboard(records, out, formats, title=args.title or f"Leaderboard: {out.name}", figures=figures)
+    written = write_leaderboard(records, out, formats, title=args.title or f"Leaderboard: {out.name}", figures=figures,
+                                errors=errors)
     for path in written + [out / f for f in figures]:
         print(path)
     return 0
 
 
 def cmd_nightly(args) -> int:
-    from harness.sweep.nightly import regression_lines, run_suite
+    from harness.sweep.nightly import run_suite  # torch, the pipeline
+    from leaderboards.nightly import regression_lines
 
     result = run_suite(args.suite, args.output, baseline_path=args.baseline, update_baseline=args.update_baseline,
                        extra_sets=args.sets, model=args.model, reuse=args.reuse,
@@ -50,9 +57,9 @@ def cmd_nightly(args) -> int:
         print(line)
     for name, cell in result.cells.items():
         for rec in cell.failed():
-            err = rec.get("error") or {}
-            print(f"FAILED TRIAL {name} seed {rec.get('seed')}: {rec.get('status')} in {err.get('stage')}: "
-                  f"{err.get('message')}")
+            err = rec.error
+            print(f"FAILED TRIAL {name} seed {rec.seed}: {rec.status} in {err.stage if err else None}: "
+                  f"{err.message if err else None}")
     print(f"report: {result.report_path}")
     if args.update_baseline and result.exit_code == 0:
         print(f"baseline: {result.baseline_path}")

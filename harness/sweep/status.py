@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from harness.api.errors import HarnessError
+from harness.api.record import RecordError
+from harness.lib.store import load_records
 from harness.sweep.grid import SWEEP_DIR, format_seconds
 
 STALE_S = 120.0
@@ -47,17 +49,17 @@ def driver_alive(state: dict[str, Any]) -> Optional[bool]:
 
 
 def collect(folder: str | os.PathLike) -> dict[str, Any]:
-    from harness.lib.store import load_records
-
     folder = Path(folder)
     if not folder.exists():
         raise HarnessError(f"results folder {str(folder)!r} does not exist")
     state = read_state(folder)
-    records = load_records(folder)
+    errors: list[RecordError] = []
+    records = load_records(folder, errors)
     by_status: dict[str, int] = {}
     for rec in records:
-        by_status[rec.get("status", "?")] = by_status.get(rec.get("status", "?"), 0) + 1
-    out: dict[str, Any] = {"folder": str(folder), "records": by_status, "n_records": len(records), "sweep": None}
+        by_status[rec.status] = by_status.get(rec.status, 0) + 1
+    out: dict[str, Any] = {"folder": str(folder), "records": by_status, "n_records": len(records),
+                           "unreadable": [str(e) for e in errors], "sweep": None}
     if state is None:
         return out
     now = time.time()
@@ -114,6 +116,10 @@ def format_status(info: dict[str, Any]) -> str:
     else:
         lines.append(f"{info['folder']}: no sweep state (not a sweep folder, or the sweep has not started); records: "
                      + (", ".join(f"{n} {s}" for s, n in sorted(info["records"].items())) or "none"))
+    unreadable = info.get("unreadable") or []
+    if unreadable:
+        lines.append(f"{len(unreadable)} record file(s) could not be read (not counted above):")
+        lines += [f"  {line}" for line in unreadable]
     return "\n".join(lines)
 
 
