@@ -1,9 +1,3 @@
-"""Built-in defences; each module registers one component."""
-from defences import none  # noqa: F401
-from defences import repnoise  # noqa: F401
-from defences import security_vectors  # noqa: F401
-from defences import vaccine  # noqa: F401
-from defences import gradient_ascent  # noqa: F401
-from defences import adversarial_loss  # noqa: F401
-from defences import safety_training  # noqa: F401
-from defences import random_init  # noqa: F401
+"""Built-in defences, one module each. Nothing is imported here: ``harness.api.registry`` finds each
+module's ``@DEFENCES.register(...)`` decorator in the source and imports a module when its defence
+is first asked for by name."""

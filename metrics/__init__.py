@@ -1,8 +1,3 @@
-"""Built-in metrics; each module registers one component."""
-from metrics import keyword_refusal  # noqa: F401
-from metrics import harm_classifier  # noqa: F401
-from metrics import detoxify_scorer  # noqa: F401
-from metrics import perspective  # noqa: F401
-from metrics import capability  # noqa: F401
-from metrics import trainability  # noqa: F401
-from metrics import profanity_check  # noqa: F401
+"""Built-in metrics (text scorers and evaluations), one module each. Nothing is imported here:
+``harness.api.registry`` finds each module's ``@METRICS.register(...)`` decorator in the source and
+imports a module when its metric is first asked for by name."""

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from harness.lib.analysis import layer_rows, part_of, plot_weight_distance, register, weight_distance
+from harness.cli.analyze import register
+from harness.lib.analysis import layer_rows, part_of, plot_weight_distance, weight_distance
 from harness.lib.tiny import build_tiny
 
 

@@ -2,6 +2,7 @@
 allowed, and it fails before any model is loaded and before any record is written."""
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,8 +34,10 @@ def no_model_loads(monkeypatch):
     def boom(*args, **kwargs):
         raise ModelLoaded("a model was loaded before the bad input was reported")
 
-    monkeypatch.setattr(harness.lib.models, "load_model", boom)
-    monkeypatch.setattr(harness.pipeline.trial, "load_model", boom)
+    original = harness.lib.models.load_model
+    for module in list(sys.modules.values()):  # every module that imported the loader by name
+        if getattr(module, "load_model", None) is original:
+            monkeypatch.setattr(module, "load_model", boom)
     for cls in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer,
                 transformers.AutoModelForSequenceClassification):
         monkeypatch.setattr(cls, "from_pretrained", boom)
@@ -206,7 +209,7 @@ def test_good_local_data_passes_the_preflight(env):
     """The same path with valid data gets as far as loading the model (the guard fires)."""
     sets = local_attack(jsonl(env["data"] / "ok.jsonl", qa(10)))
     rec = attempt(env, dict(sets=sets))
-    assert rec["status"] == "error" and rec["error"]["type"] == "ModelLoaded" and rec["error"]["stage"] == "setup"
+    assert rec.status == "error" and rec.error.type == "ModelLoaded" and rec.error.stage == "setup"
 
 
 @pytest.mark.parametrize("sets, needles", [
@@ -234,3 +237,35 @@ def test_cli_run_bad_data_file_exit_2(env, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "bad.jsonl" in err and "line 2" in err
+
+
+def test_each_component_config_is_validated_once(env, monkeypatch):
+    """`harness run` validates the attack's and the defence's typed config once, at the edge;
+    every later stage reads the spec's typed config (counted up to the model load, which the
+    guard turns into an error record)."""
+    from collections import Counter
+
+    from pydantic import model_validator
+
+    from harness.api.registry import ATTACKS, DEFENCES
+
+    counts: Counter = Counter()
+
+    def count(registry, name):
+        cls = registry.get(name)
+
+        class Counted(cls.Config):
+            @model_validator(mode="after")
+            def _count(self):
+                counts[name] += 1
+                return self
+
+        monkeypatch.setattr(cls, "Config", Counted)
+
+    count(ATTACKS, "harmfulqa")
+    count(DEFENCES, "none")
+    sets = [FAST[0], *local_attack(jsonl(env["data"] / "ok.jsonl", qa(10)))]
+    argv = ["run", "--defence", "none", "--attack", "harmfulqa", "--model", env["tiny"], "--no-progress",
+            "--output", str(env["tmp"] / "results")] + [a for s in sets for a in ("--set", s)]
+    assert main(argv) == 1  # the record says: ModelLoaded in setup
+    assert counts == {"harmfulqa": 1, "none": 1}, counts

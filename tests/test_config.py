@@ -86,3 +86,33 @@ def test_yaml_preset_file_errors(tmp_path):
     broken.write_text("model: {id: [\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         resolve(str(broken))
+
+
+def test_resolved_spec_holds_the_typed_configs():
+    from harness.api.registry import ATTACKS, DEFENCES, METRICS
+
+    spec = resolve("smoke", defence="repnoise", sets=[TOX, "defence.beta=0.01", "eval.extra=trainability"])
+    assert isinstance(spec.defence.config, DEFENCES.get("repnoise").Config) and spec.defence.config.beta == 0.01
+    assert isinstance(spec.attack.config, ATTACKS.get("harmfulqa").Config)
+    assert isinstance(spec.eval.harm_scorer.config, METRICS.get("keyword_refusal").Config)
+    assert isinstance(spec.evaluation_config("trainability"), METRICS.get("trainability").Config)
+    assert spec.canonical()["defence"]["beta"] == 0.01
+    # a copy with a change is a new spec, validated again; equal specs compare equal
+    changed = spec.model_copy(update={"seed": 5})
+    assert changed.seed == 5 and changed.defence.config.beta == 0.01 and changed.trial_id != spec.trial_id
+    assert resolve("smoke", defence="repnoise", sets=[TOX, "defence.beta=0.01", "eval.extra=trainability"]) == spec
+    with pytest.raises(ConfigError, match="defence.beta"):
+        spec.model_copy(update={"defence": {"name": "repnoise", "beta": -1}})
+
+
+def test_spec_errors_come_before_component_imports():
+    """A mistake in the spec's own fields is reported without importing any component module."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom harness.api.config import resolve\nfrom harness.api.errors import ConfigError\n"
+            "try:\n    resolve('smoke', defence='repnoise', sets=['eval.samples=0'])\n"
+            "except ConfigError as e:\n    print('ERR', e)\n"
+            "print('LOADED', sorted(m for m in sys.modules if m.split('.')[0] in ('defences', 'attacks', 'torch')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "ERR invalid config: field 'eval.samples'" in out and "LOADED []" in out

@@ -6,6 +6,12 @@ evaluation settings and the parameters of every defence and attack it knows. Cho
 resolved spec (``attack.lr=3e-5``, ``defence.beta=0.001``, ``eval.samples=50``). Everything is
 checked against the component's typed ``Config`` before any model is loaded; an error names the
 field, the value and what is allowed.
+
+Validation happens once, at the edge (``validate``): names first (no component is imported for a
+mistyped name), then the spec's own fields, then each component's ``Config``. The validated,
+typed configs are kept on the spec (``spec.defence.config``, ``spec.attack.config``,
+``spec.eval.harm_scorer.config``, ``spec.evaluation_config(name)``); everything downstream reads
+them instead of validating the raw parameters again.
 """
 
 from __future__ import annotations
@@ -17,11 +23,12 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
-from harness.api.components import ComponentConfig
-from harness.api.errors import ConfigError
-from harness.api.registry import ATTACKS, DEFENCES, METRICS
+from harness.api.components import ComponentConfig, DatasetRef
+from harness.api.errors import ConfigError, UnknownComponentError
+from harness.api.registry import ATTACKS, DATASETS, DEFENCES, METRICS, Registry
+from harness.api.secrets import URL_KEY, is_secret
 
 SCHEMA_VERSION = 1
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
@@ -41,13 +48,34 @@ class ModelSpec(Strict):
 
 
 class ComponentSpec(BaseModel):
-    """``{name: ..., <params>}``; the params are validated by the component's own Config."""
+    """``{name: ..., <params>}``; the params are validated by the component's own Config, once,
+    and the typed result is kept here (``config``)."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
     name: str
+    _config: Optional[ComponentConfig] = PrivateAttr(None)
 
     def params(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
+
+    @property
+    def config(self) -> ComponentConfig:
+        """The validated, typed parameters (set by ``validate``)."""
+        if self._config is None:
+            raise RuntimeError(f"component spec {self.name!r} is not validated yet: build specs with "
+                               "harness.api.config.validate/resolve")
+        return self._config
+
+    def __eq__(self, other: object) -> bool:  # the cached config is derived state
+        return type(other) is type(self) and self.model_dump() == other.model_dump()
+
+    __hash__ = None  # type: ignore[assignment]  # params may hold dicts
+
+    def model_copy(self, *, update: dict[str, Any] | None = None, deep: bool = False):
+        copied = super().model_copy(update=update, deep=deep)
+        if update:
+            copied._config = None
+        return copied
 
 
 class ScorerSpec(ComponentSpec):
@@ -90,18 +118,37 @@ class RunSpec(Strict):
     seed: int = 0
     disjoint: bool = True
     synth: SynthSpec = SynthSpec()
+    _evaluations: Optional[dict[str, ComponentConfig]] = PrivateAttr(None)
+
+    def __eq__(self, other: object) -> bool:  # the cached configs are derived state
+        return type(other) is type(self) and self.model_dump() == other.model_dump()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def model_copy(self, *, update: dict[str, Any] | None = None, deep: bool = False):
+        if update:  # a changed spec is validated again, as a new one
+            return validate({**self.model_dump(), **update})
+        return super().model_copy(deep=deep)
+
+    def evaluation_config(self, name: str) -> ComponentConfig:
+        """Validated parameters of the evaluation ``name`` (``eval.params.<name>``)."""
+        if self._evaluations is None:
+            raise RuntimeError("run spec is not validated yet: build specs with harness.api.config.validate/resolve")
+        if name not in self._evaluations:
+            raise KeyError(f"evaluation {name!r} has no parameters in this spec; it has: "
+                           f"{', '.join(sorted(self._evaluations)) or '(none)'}")
+        return self._evaluations[name]
 
     # ---- derived -------------------------------------------------------------------------
     def canonical(self) -> dict[str, Any]:
-        """The full config as plain data, with validated component params (defaults filled)."""
+        """The full config as plain data, with the validated component params (defaults filled)."""
         data = self.model_dump(mode="json")
-        data["defence"] = {"name": self.defence.name, **defence_config(self).model_dump(mode="json")}
-        data["attack"] = {"name": self.attack.name, **attack_config(self).model_dump(mode="json")}
+        data["defence"] = {"name": self.defence.name, **self.defence.config.model_dump(mode="json")}
+        data["attack"] = {"name": self.attack.name, **self.attack.config.model_dump(mode="json")}
         for key in ("harm_scorer", "toxicity_scorer"):
             spec = getattr(self.eval, key)
-            data["eval"][key] = {"name": spec.name, "fallback": spec.fallback,
-                                 **scorer_config(spec, f"eval.{key}").model_dump(mode="json")}
-        data["eval"]["params"] = {name: METRICS.get(name).Config(**self.eval.params.get(name, {})).model_dump(mode="json")
+            data["eval"][key] = {"name": spec.name, "fallback": spec.fallback, **spec.config.model_dump(mode="json")}
+        data["eval"]["params"] = {name: self.evaluation_config(name).model_dump(mode="json")
                                   for name in self.eval.extra}
         return data
 
@@ -120,24 +167,32 @@ class RunSpec(Strict):
 
 
 # ---- component configs ---------------------------------------------------------------------
-def _validate_component(registry, spec: ComponentSpec, field: str) -> ComponentConfig:
-    cls = registry.get(spec.name)
+def validate_params(registry: Registry, name: str, params: dict[str, Any], field: str) -> ComponentConfig:
+    """``params`` checked against the ``Config`` of component ``name``; errors name ``field``."""
+    cls = registry.get(name)
     try:
-        return cls.Config(**spec.params())
+        return cls.Config(**params)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, prefix=field, model=cls.Config)) from None
 
 
+def _bind(registry: Registry, spec: ComponentSpec, field: str) -> ComponentConfig:
+    if spec._config is None:
+        spec._config = validate_params(registry, spec.name, spec.params(), field)
+    return spec._config
+
+
 def defence_config(spec: RunSpec) -> ComponentConfig:
-    return _validate_component(DEFENCES, spec.defence, "defence")
+    return spec.defence.config
 
 
 def attack_config(spec: RunSpec) -> ComponentConfig:
-    return _validate_component(ATTACKS, spec.attack, "attack")
+    return spec.attack.config
 
 
 def scorer_config(spec: ScorerSpec, field: str) -> ComponentConfig:
-    return _validate_component(METRICS, spec, field)
+    """The scorer's typed config (validated on first use if the spec came from elsewhere)."""
+    return _bind(METRICS, spec, field)
 
 
 def format_validation_error(exc: ValidationError, prefix: str = "", model: type | None = None) -> str:
@@ -172,8 +227,6 @@ def load_preset(name_or_path: str) -> dict[str, Any]:
     if not path.suffix:
         path = PRESET_DIR / f"{name_or_path}.yaml"
         if not path.exists():
-            from harness.api.errors import UnknownComponentError
-
             raise UnknownComponentError("preset", name_or_path, preset_names())
     if not path.exists():
         raise ConfigError(f"preset file {str(path)!r} does not exist")
@@ -227,16 +280,64 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     node[parts[-1]] = parse_value(raw)
 
 
-def _component_entry(preset: dict[str, Any], kind: str, name: str, registry) -> dict[str, Any]:
+def _component_entry(preset: dict[str, Any], kind: str, name: str) -> dict[str, Any]:
+    """The preset's parameters of component ``name`` (``defences: {NAME: {...}}``), no defaults yet."""
     entries = preset.get(f"{kind}s") or {}
-    params = copy.deepcopy(entries.get(name) or {})
+    return {"name": name, **copy.deepcopy(entries.get(name) or {})}
+
+
+def _apply_shared_defaults(data: dict[str, Any], preset: dict[str, Any], kind: str, registry: Registry) -> None:
+    """``<kind>_defaults`` of the preset, for every key the chosen component's Config has and
+    neither the preset's entry nor ``--set`` gave (imports the component's module)."""
     defaults = preset.get(f"{kind}_defaults") or {}
-    if defaults:
-        fields = registry.get(name).Config.model_fields
-        for key, value in defaults.items():
-            if key in fields and key not in params:
-                params[key] = copy.deepcopy(value)
-    return {"name": name, **params}
+    if not defaults:
+        return
+    entry = data[kind]
+    fields = registry.get(entry["name"]).Config.model_fields
+    for key, value in defaults.items():
+        if key in fields and key not in entry:
+            entry[key] = copy.deepcopy(value)
+        elif (key in fields and isinstance(value, dict) and isinstance(entry[key], dict)
+              and entry[key].get("name", value.get("name")) == value.get("name")):
+            # ``--set defence.dataset.path=X`` edits the shared default dataset (same dataset), it
+            # does not replace it; a different dataset named in the entry replaces it whole
+            entry[key] = {**copy.deepcopy(value), **entry[key]}
+
+
+def _check_name(registry: Registry, value: Any, field: str) -> None:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"field {field!r} = {value!r}: must be a {registry.kind} name; known: "
+                          f"{', '.join(registry.names())}")
+    try:
+        registry.check(value)
+    except UnknownComponentError as exc:
+        if field not in ("defence.name", "attack.name"):
+            exc.args = (f"field '{field}': {exc.args[0]}",)
+        raise
+
+
+def check_names(data: dict[str, Any]) -> None:
+    """Every component name in a raw spec is registered (imports nothing: a typo fails fast)."""
+    for kind, registry in (("defence", DEFENCES), ("attack", ATTACKS)):
+        entry = data.get(kind)
+        if isinstance(entry, dict) and "name" in entry:
+            _check_name(registry, entry["name"], f"{kind}.name")
+    ev = data.get("eval")
+    if isinstance(ev, dict):
+        for key in ("harm_scorer", "toxicity_scorer"):
+            scorer = ev.get(key)
+            if isinstance(scorer, dict):
+                if "name" in scorer:
+                    _check_name(METRICS, scorer["name"], f"eval.{key}.name")
+                if scorer.get("fallback"):
+                    _check_name(METRICS, scorer["fallback"], f"eval.{key}.fallback")
+        extra = ev.get("extra")
+        names = [s.strip() for s in extra.split(",") if s.strip()] if isinstance(extra, str) else extra
+        for name in names if isinstance(names, list) else []:
+            _check_name(METRICS, name, "eval.extra")
+        params = ev.get("params")
+        for name in params if isinstance(params, dict) else []:
+            _check_name(METRICS, name, f"eval.params.{name}")
 
 
 def resolve(
@@ -248,7 +349,10 @@ def resolve(
     seed: int | None = None,
     sets: list[str] | tuple[str, ...] = (),
 ) -> RunSpec:
-    """Preset + CLI choices + ``--set`` overrides -> a validated ``RunSpec``."""
+    """Preset + CLI choices + ``--set`` overrides -> a validated ``RunSpec``.
+
+    Order: the preset's keys, the names (nothing imported yet), the ``--set`` overrides, the
+    spec's own fields, then the preset's shared ``*_defaults`` and every component's ``Config``."""
     raw = load_preset(preset)
     unknown = sorted(set(raw) - PRESET_KEYS)
     if unknown:
@@ -259,13 +363,13 @@ def resolve(
     if isinstance(d_name, dict) or isinstance(a_name, dict):
         raise ConfigError("preset: 'defence' and 'attack' name the default choice; parameters go "
                           "under 'defences: {NAME: {...}}' and 'attacks: {NAME: {...}}'")
-    DEFENCES.get(d_name)
-    ATTACKS.get(a_name)
+    DEFENCES.check(d_name)
+    ATTACKS.check(a_name)
     data: dict[str, Any] = {
         "preset": raw.get("preset", preset),
         "model": copy.deepcopy(raw.get("model") or {}),
-        "defence": _component_entry(raw, "defence", d_name, DEFENCES),
-        "attack": _component_entry(raw, "attack", a_name, ATTACKS),
+        "defence": _component_entry(raw, "defence", d_name),
+        "attack": _component_entry(raw, "attack", a_name),
         "eval": copy.deepcopy(raw.get("eval") or {}),
         "seed": raw.get("seed", 0),
         "disjoint": raw.get("disjoint", True),
@@ -277,38 +381,42 @@ def resolve(
         data["seed"] = seed
     for assignment in sets:
         apply_override(data, assignment)
-        for kind, registry in (("defence", DEFENCES), ("attack", ATTACKS)):
+        for kind in ("defence", "attack"):
             if isinstance(data.get(kind), str):
                 data[kind] = {"name": data[kind]}
-            name = data[kind].get("name")
-            if name is not None:
-                registry.get(name)
-    return validate(data)
+    check_names(data)
+    spec = _check_structure(data)  # the spec's own fields, before any component module is imported
+    for kind, registry in (("defence", DEFENCES), ("attack", ATTACKS)):
+        _apply_shared_defaults(data, raw, kind, registry)
+    spec = BaseModel.model_copy(spec, update={"defence": ComponentSpec(**data["defence"]),
+                                              "attack": ComponentSpec(**data["attack"])})
+    return _bind_all(spec)
+
+
+def _check_structure(data: dict[str, Any]) -> RunSpec:
+    try:
+        return RunSpec(**data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, model=RunSpec)) from None
 
 
 def validate(data: dict[str, Any]) -> RunSpec:
-    try:
-        spec = RunSpec(**data)
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, model=RunSpec)) from None
+    """A raw spec (a preset resolved to plain data, or a record's config) -> a validated
+    ``RunSpec`` holding the typed config of every component, each validated exactly once."""
+    check_names(data)
+    return _bind_all(_check_structure(data))
+
+
+def _bind_all(spec: RunSpec) -> RunSpec:
     # component parameters, scorers and evaluations: all checked now, before any model loads
-    spec.canonical()
-    scorer_config(spec.eval.harm_scorer, "eval.harm_scorer")
-    scorer_config(spec.eval.toxicity_scorer, "eval.toxicity_scorer")
-    for key in ("harm_scorer", "toxicity_scorer"):
-        fallback = getattr(spec.eval, key).fallback
-        if fallback:
-            METRICS.get(fallback)
-    for name in spec.eval.extra:
-        METRICS.get(name)
+    _bind(DEFENCES, spec.defence, "defence")
+    _bind(ATTACKS, spec.attack, "attack")
+    _bind(METRICS, spec.eval.harm_scorer, "eval.harm_scorer")
+    _bind(METRICS, spec.eval.toxicity_scorer, "eval.toxicity_scorer")
     # parameters may be given for evaluations that are not switched on (a preset's settings for
     # `--eval capability`), but each must name a registered evaluation and validate
-    for name in sorted(set(spec.eval.extra) | set(spec.eval.params)):
-        cls = METRICS.get(name)
-        try:
-            cls.Config(**spec.eval.params.get(name, {}))
-        except ValidationError as exc:
-            raise ConfigError(format_validation_error(exc, prefix=f"eval.params.{name}", model=cls.Config)) from None
+    spec._evaluations = {name: validate_params(METRICS, name, spec.eval.params.get(name, {}), f"eval.params.{name}")
+                         for name in sorted(set(spec.eval.extra) | set(spec.eval.params))}
     validate_datasets(spec)
     check_no_secrets(spec.canonical())
     return spec
@@ -316,8 +424,6 @@ def validate(data: dict[str, Any]) -> RunSpec:
 
 def _dataset_refs(obj: Any, prefix: str):
     """``(field, DatasetRef)`` for every dataset reference inside a component config."""
-    from harness.api.components import DatasetRef
-
     if isinstance(obj, DatasetRef):
         yield prefix, obj
     elif isinstance(obj, BaseModel):
@@ -333,29 +439,17 @@ def _dataset_refs(obj: Any, prefix: str):
 
 def validate_datasets(spec: RunSpec) -> None:
     """Every dataset a component names must be registered and its parameters valid (no data is read)."""
-    from harness.api.errors import UnknownComponentError
-    from harness.api.registry import DATASETS
-
-    configs = [("defence", defence_config(spec)), ("attack", attack_config(spec))]
-    configs += [(f"eval.params.{n}", METRICS.get(n).Config(**spec.eval.params.get(n, {}))) for n in spec.eval.extra]
+    configs = [("defence", spec.defence.config), ("attack", spec.attack.config)]
+    configs += [(f"eval.params.{n}", spec.evaluation_config(n)) for n in spec.eval.extra]
     for prefix, cfg in configs:
         for field, ref in _dataset_refs(cfg, prefix):
-            try:
-                cls = DATASETS.get(ref.name)
-            except UnknownComponentError as exc:
-                exc.args = (f"field '{field}.name': {exc.args[0]}",)
-                raise
-            try:
-                cls.Config(**ref.params())
-            except ValidationError as e:
-                raise ConfigError(format_validation_error(e, prefix=field, model=cls.Config)) from None
+            _check_name(DATASETS, ref.name, f"{field}.name")
+            validate_params(DATASETS, ref.name, ref.params(), field)
 
 
 def check_no_secrets(data: Any, field: str = "") -> None:
     """API keys come from the environment or a key file only: a config value that carries one
     (a ``key=`` URL parameter, or a registered secret) is rejected before it reaches a record."""
-    from harness.api.secrets import URL_KEY, is_secret
-
     if isinstance(data, dict):
         for key, value in data.items():
             check_no_secrets(value, f"{field}.{key}" if field else str(key))

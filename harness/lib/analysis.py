@@ -186,30 +186,3 @@ def plot_weight_distance(df, png_path: str | Path, title: str | None = None) -> 
     fig.savefig(png_path, dpi=120)
     plt.close(fig)
     return png_path
-
-
-def run_weight_distance(args) -> int:
-    df = weight_distance(args.base, args.others)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out / CSV_NAME)
-    plot_weight_distance(df, out / PNG_NAME)
-    print(df.to_string(float_format=lambda v: f"{v:.6g}"))
-    print(f"\nwrote {out / CSV_NAME} and {out / PNG_NAME}")
-    return 0
-
-
-def register(subparsers):
-    """Add ``analyze weight-distance BASE OTHER... [--out DIR]`` to an argparse sub-parser set.
-    The chosen command's handler is ``args.func(args) -> exit code``."""
-    analyze = subparsers.add_parser("analyze", help="analyses of saved checkpoints",
-                                    description="Analyses of saved checkpoints.")
-    sub = analyze.add_subparsers(dest="analysis", metavar="ANALYSIS", required=True)
-    wd = sub.add_parser("weight-distance", help="per-layer L2 distance between a base model and others",
-                        description="Per-layer L2 weight distance between BASE and each OTHER model folder "
-                                    f"(the paper's depth figure): {CSV_NAME} and {PNG_NAME} in --out.")
-    wd.add_argument("base", metavar="BASE", help="base model folder")
-    wd.add_argument("others", metavar="OTHER", nargs="+", help="model folders to compare with BASE")
-    wd.add_argument("--out", default=".", metavar="DIR", help="where to write the CSV and the PNG (default: .)")
-    wd.set_defaults(func=run_weight_distance)
-    return analyze

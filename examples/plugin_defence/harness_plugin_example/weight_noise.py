@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from harness.api.components import ComponentConfig, Defence
+from harness.api import ComponentConfig, Defence
 
 
 class WeightNoise(Defence):
