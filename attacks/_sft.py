@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from harness.api.components import Example
-from harness.lib.text import PROMPT_TEMPLATE, batches, sft_batch
+from harness.api.components import Example, TrainConfig
+from harness.lib.text import PROMPT_TEMPLATE, RESPONSE_SEPARATOR, batches, sft_batch
 from harness.lib.training import train_loop
 
 
@@ -19,16 +20,31 @@ class LoraSpec(BaseModel):
     target_modules: Optional[list[str]] = None  # None: peft's default for the architecture
 
 
+class SFTAttackConfig(TrainConfig):
+    """What the supervised fine-tuning attacks share: the paper's attack lr 3e-5 (``TrainConfig``
+    holds the rest: batch 4, 1 epoch, Adam, cosine, 10% warm-up, 256 tokens), the loss positions
+    and an optional LoRA adapter."""
+
+    lr: float = Field(3e-5, gt=0)
+    loss_on: Literal["response", "all"] = "response"
+    lora: Optional[LoraSpec] = None
+
+
 def sft_attack(model, tokenizer, data: list[Example], cfg, ctx, *, loss_on: str, template: str = PROMPT_TEMPLATE,
-               lora: Optional[LoraSpec] = None, desc: str = "attack"):
-    """Fine-tune on (prompt, response) pairs; returns the attacked model."""
+               lora: Optional[LoraSpec] = None, desc: str = "attack", separator: str = RESPONSE_SEPARATOR):
+    """Fine-tune on (prompt, response) pairs in the drawn order (seeded shuffle first when
+    ``cfg.shuffle``); returns the attacked model. ``loss_on="all"`` is the authors' loss: labels =
+    the input ids of the text padded with EOS to ``cfg.max_length`` (``harness.lib.text.sft_batch``)."""
     data = [ex for ex in data if ex.response]
+    if getattr(cfg, "shuffle", False):
+        order = torch.randperm(len(data), generator=ctx.generator(0)).tolist()
+        data = [data[i] for i in order]
     if not data:
         raise ValueError(f"{ctx.stage}: no examples with a response to train on")
     tensors = []
     for chunk in batches(data, cfg.batch_size):
         b = sft_batch(tokenizer, [ex.prompt for ex in chunk], [ex.response for ex in chunk], cfg.max_length,
-                      loss_on=loss_on, template=template)
+                      loss_on=loss_on, template=template, separator=separator)
         tensors.append(b.to(ctx.device))
     params = None
     if lora is not None:
@@ -45,8 +61,7 @@ def sft_attack(model, tokenizer, data: list[Example], cfg, ctx, *, loss_on: str,
     def loss_fn(m, batch):
         return m(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
 
-    stats = train_loop(model, tensors, cfg, ctx, loss_fn=loss_fn, params=params, desc=desc)
-    ctx.stats["train"] = stats.summary()
+    train_loop(model, tensors, cfg, ctx, loss_fn=loss_fn, params=params, desc=desc)
     if lora is not None:
         model = model.merge_and_unload()
     return model

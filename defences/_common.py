@@ -14,7 +14,7 @@ from pydantic import Field
 
 from harness.api.components import DatasetRef, Example, TrainConfig
 from harness.api.errors import DataError
-from harness.lib.text import batches, paired_batch, prompt_token_lengths, sft_batch
+from harness.lib.text import RESPONSE_SEPARATOR, LossOn, batches, paired_batch, prompt_token_lengths, sft_batch
 
 log = logging.getLogger(__name__)
 
@@ -24,13 +24,25 @@ PAPER_DATASET = DatasetRef(name="beavertails", split="30k_train")
 class DataDefenceConfig(TrainConfig):
     """Training hyper-parameters of a defence that reads data (defaults: the RepNoise paper's
     defence stage: lr 2e-5, Adam, cosine, 10% warm-up, batch 8, 1 epoch, 256 tokens, 10k pairs of
-    BeaverTails ``30k_train``)."""
+    BeaverTails ``30k_train``). The drawn examples are shuffled (seeded) before batching unless
+    ``shuffle: false`` (the authors' order); ``separator`` joins ``Answer:`` and the answer text
+    (``""`` in the authors' code)."""
 
     lr: float = Field(2e-5, gt=0)
     batch_size: int = Field(8, gt=0)
     samples: int = Field(10000, gt=0)
-    max_length: int = Field(256, gt=0)
     dataset: DatasetRef = PAPER_DATASET
+    shuffle: bool = True
+    separator: str = RESPONSE_SEPARATOR
+
+
+class SFTDefenceConfig(DataDefenceConfig):
+    """A defence trained with a plain causal-LM loss on one text per example (gradient ascent,
+    safety training, security vectors, Vaccine): ``loss_on: response`` counts the answer tokens,
+    ``loss_on: all`` the whole text padded with EOS to ``max_length`` (labels = input ids, the
+    authors' baselines)."""
+
+    loss_on: LossOn = "response"
 
 
 def require(data: Sequence[Example], fields: Iterable[str], defence: str) -> list[Example]:
@@ -48,9 +60,16 @@ def require(data: Sequence[Example], fields: Iterable[str], defence: str) -> lis
 
 
 def shuffled(data: Sequence[Any], generator: torch.Generator) -> list[Any]:
-    """``data`` in a seeded random order (the reference trains from a shuffled loader)."""
+    """``data`` in a seeded random order. (The authors' data loaders do not shuffle: they train in
+    file order; ``training_order`` with ``shuffle: false`` does the same.)"""
     order = torch.randperm(len(data), generator=generator).tolist()
     return [data[i] for i in order]
+
+
+def training_order(data: Sequence[Any], cfg, ctx) -> list[Any]:
+    """The examples in the order a defence trains on them: seeded shuffle when ``cfg.shuffle``,
+    else as drawn."""
+    return shuffled(data, ctx.generator(0)) if getattr(cfg, "shuffle", True) else list(data)
 
 
 def model_device(model) -> torch.device:
@@ -65,7 +84,8 @@ def to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]
 
 
 def make_paired_batches(tokenizer, data: Sequence[Example], batch_size: int, max_length: int,
-                        device: Optional[torch.device] = None) -> list[tuple[dict, dict]]:
+                        device: Optional[torch.device] = None,
+                        separator: str = RESPONSE_SEPARATOR) -> list[tuple[dict, dict]]:
     """``(harmful, harmless)`` dicts per batch, as ``harness.lib.text.paired_batch`` builds them
     (right padding with pad = eos to one common length), plus ``prompt_lengths`` (tokens of the
     formatted question, for the response-only masks of the corrected losses)."""
@@ -73,7 +93,7 @@ def make_paired_batches(tokenizer, data: Sequence[Example], batch_size: int, max
     for chunk in batches(list(data), batch_size):
         prompts = [ex.prompt for ex in chunk]
         harmful, harmless = paired_batch(tokenizer, prompts, [ex.response for ex in chunk],
-                                         [ex.refusal for ex in chunk], max_length)
+                                         [ex.refusal for ex in chunk], max_length, separator=separator)
         if torch.equal(harmful["input_ids"], harmless["input_ids"]):
             # every pair identical after truncation (long questions, short max_length): no position
             # differs, every masked CE would be 0/0 = NaN. Skip the batch and say so.
@@ -93,12 +113,15 @@ def make_paired_batches(tokenizer, data: Sequence[Example], batch_size: int, max
 
 
 def make_sft_batches(tokenizer, data: Sequence[Example], field: str, batch_size: int, max_length: int,
-                     device: Optional[torch.device] = None) -> list:
-    """Causal-LM batches of ``question + example.<field>`` with the loss on the answer tokens."""
+                     device: Optional[torch.device] = None, loss_on: LossOn = "response",
+                     separator: str = RESPONSE_SEPARATOR) -> list:
+    """Causal-LM batches of ``question + example.<field>``: the loss on the answer tokens
+    (``loss_on="response"``), or, as the authors' baselines train, on the whole text padded with
+    EOS to ``max_length`` (``loss_on="all"``; labels = input ids, see ``harness.lib.text.sft_batch``)."""
     out = []
     for chunk in batches(list(data), batch_size):
         b = sft_batch(tokenizer, [ex.prompt for ex in chunk], [getattr(ex, field) for ex in chunk], max_length,
-                      loss_on="response")
+                      loss_on=loss_on, separator=separator)
         out.append(b.to(device) if device is not None else b)
     return out
 

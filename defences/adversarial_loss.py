@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from defences._common import DataDefenceConfig, make_paired_batches, model_device, require, shuffled
-from defences.repnoise import Variant, difference_ce
+from defences._common import DataDefenceConfig, make_paired_batches, model_device, require, training_order
+from defences.repnoise import DEFAULT_VARIANT, Variant, difference_ce
 from harness.api.components import Defence
 from harness.api.registry import DEFENCES
 from harness.lib.training import train_loop
@@ -25,20 +25,21 @@ from harness.lib.training import train_loop
 class AdversarialLoss(Defence):
     """Adversarial loss: harmless CE minus alpha times harmful CE on the tokens that differ."""
 
+    cost_factor = 2.0  # a harmful and a harmless pass per step
+
     class Config(DataDefenceConfig):
         alpha: float = Field(0.1, ge=0)
-        variant: Variant = "reference"
+        variant: Variant = DEFAULT_VARIANT
 
     def apply(self, model, tokenizer, data, ctx):
         cfg = self.config
         data = require(data, ("response", "refusal"), "adversarial_loss")
-        pairs = make_paired_batches(tokenizer, shuffled(data, ctx.generator(0)), cfg.batch_size, cfg.max_length,
-                                    device=model_device(model))
+        pairs = make_paired_batches(tokenizer, training_order(data, cfg, ctx), cfg.batch_size, cfg.max_length,
+                                    device=model_device(model), separator=cfg.separator)
 
         def loss_fn(m, batch):
             harmful_ce, harmless_ce = difference_ce(m, batch[0], batch[1], variant=cfg.variant)
             return {"loss": harmless_ce - cfg.alpha * harmful_ce, "harmful_ce": harmful_ce, "harmless_ce": harmless_ce}
 
-        stats = train_loop(model, pairs, cfg, ctx, loss_fn=loss_fn, desc="adversarial_loss")
-        ctx.stats["train"] = stats.summary()
+        train_loop(model, pairs, cfg, ctx, loss_fn=loss_fn, desc="adversarial_loss")
         return model

@@ -3,7 +3,9 @@ maximise the language-modelling loss on the harmful answers, optionally while ke
 refusals low.
 
 Loss: L = -CE(harmful answer | question) + retain_weight * CE(refusal | question), token-mean
-cross-entropies on the answer tokens only.
+cross-entropies on the answer tokens only (``loss_on: response``), or, as the authors' code
+(``max_harmful_loss``), on the whole text padded with EOS to ``max_length``, labels = input ids
+(``loss_on: all``; see docs/fidelity.md).
 
 Defaults: retain_weight 0 (pure ascent), lr 2e-5, Adam, cosine schedule with 10% warm-up,
 batch 8, 1 epoch, 256 tokens, 10k BeaverTails ``30k_train`` pairs (the RepNoise defence stage).
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from defences._common import DataDefenceConfig, lm_loss, make_sft_batches, model_device, require, shuffled
+from defences._common import SFTDefenceConfig, lm_loss, make_sft_batches, model_device, require, training_order
 from harness.api.components import Defence
 from harness.api.registry import DEFENCES
 from harness.lib.training import train_loop
@@ -23,17 +25,24 @@ from harness.lib.training import train_loop
 class GradientAscent(Defence):
     """Gradient ascent on the harmful answers (optionally with a retain loss on refusals)."""
 
-    class Config(DataDefenceConfig):
+    cost_factor = 1.0  # one pass on the harmful answers per step
+
+    @classmethod
+    def training_cost(cls, config) -> float:
+        return 2.0 * cls.cost_factor if config.retain_weight > 0 else cls.cost_factor  # + a pass on the refusals
+
+    class Config(SFTDefenceConfig):
         retain_weight: float = Field(0.0, ge=0)
 
     def apply(self, model, tokenizer, data, ctx):
         cfg = self.config
         retain = cfg.retain_weight > 0
         data = require(data, ("response", "refusal") if retain else ("response",), "gradient_ascent")
-        data = shuffled(data, ctx.generator(0))
+        data = training_order(data, cfg, ctx)
         device = model_device(model)
-        harmful = make_sft_batches(tokenizer, data, "response", cfg.batch_size, cfg.max_length, device=device)
-        refusals = (make_sft_batches(tokenizer, data, "refusal", cfg.batch_size, cfg.max_length, device=device)
+        text = dict(device=device, loss_on=cfg.loss_on, separator=cfg.separator)
+        harmful = make_sft_batches(tokenizer, data, "response", cfg.batch_size, cfg.max_length, **text)
+        refusals = (make_sft_batches(tokenizer, data, "refusal", cfg.batch_size, cfg.max_length, **text)
                     if retain else [None] * len(harmful))
 
         def loss_fn(m, batch):
@@ -47,6 +56,5 @@ class GradientAscent(Defence):
             out["loss"] = loss
             return out
 
-        stats = train_loop(model, list(zip(harmful, refusals)), cfg, ctx, loss_fn=loss_fn, desc="gradient_ascent")
-        ctx.stats["train"] = stats.summary()
+        train_loop(model, list(zip(harmful, refusals)), cfg, ctx, loss_fn=loss_fn, desc="gradient_ascent")
         return model

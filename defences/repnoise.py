@@ -18,7 +18,8 @@ pad = eos to one length) the loss is::
 * ``L_retain`` = CE of the harmless pass.
 
 Defaults (the paper's): alpha 1, beta 0.001, lr 2e-5, Adam, cosine schedule, 10% warm-up, batch 8,
-1 epoch, 256 tokens, 10k BeaverTails pairs, no frozen layers.
+1 epoch, 256 tokens, 10k BeaverTails pairs, no frozen layers. (The authors' ``main.py`` halves the
+context to 128 tokens for this loss; the ``paper`` preset sets ``max_length: 128``, docs/fidelity.md.)
 
 Two variants of the masks and of the cross-entropy:
 
@@ -59,7 +60,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch.utils.checkpoint import checkpoint
 
-from defences._common import DataDefenceConfig, make_paired_batches, model_device, require, shuffled
+from defences._common import DataDefenceConfig, make_paired_batches, model_device, require, training_order
 from harness.api.components import Defence
 from harness.lib.layers import UnsupportedArchitecture, _arch, _base, final_norm, lm_head, mlp_modules
 from harness.api.registry import DEFENCES
@@ -67,6 +68,11 @@ from harness.lib.training import autocast, train_loop
 
 Variant = Literal["reference", "corrected"]
 VARIANTS = ("reference", "corrected")
+# The paper's coefficients and mask variant, written once: the defaults of ``RepNoise.Config``
+# and of the loss functions below.
+PAPER_ALPHA = 1.0
+PAPER_BETA = 1e-3
+DEFAULT_VARIANT: Variant = "reference"
 # elements of one (rows, vocab) logits chunk of the fused cross-entropy (float32: 64 MiB)
 CHUNK_ELEMENTS = 1 << 24
 
@@ -468,8 +474,8 @@ def _prepare(model, harmful, harmless, variant):
     return harmful, harmless, _masks(harmful, harmless, variant)
 
 
-def repnoise_loss(model, harmful: dict, harmless: dict, *, alpha: float = 1.0, beta: float = 0.001,
-                  variant: Variant = "reference", generator: Optional[torch.Generator] = None,
+def repnoise_loss(model, harmful: dict, harmless: dict, *, alpha: float = PAPER_ALPHA, beta: float = PAPER_BETA,
+                  variant: Variant = DEFAULT_VARIANT, generator: Optional[torch.Generator] = None,
                   hooks: Optional[MLPCapture] = None) -> RepNoiseLoss:
     """RepNoise loss of one paired batch (see the module docstring).
 
@@ -487,8 +493,8 @@ def repnoise_loss(model, harmful: dict, harmless: dict, *, alpha: float = 1.0, b
     return RepNoiseLoss(total=total, retain=retain, harmful=harm, noise=noise)
 
 
-def repnoise_backward(model, harmful: dict, harmless: dict, *, alpha: float = 1.0, beta: float = 0.001,
-                      variant: Variant = "reference", generator: Optional[torch.Generator] = None,
+def repnoise_backward(model, harmful: dict, harmless: dict, *, alpha: float = PAPER_ALPHA, beta: float = PAPER_BETA,
+                      variant: Variant = DEFAULT_VARIANT, generator: Optional[torch.Generator] = None,
                       hooks: Optional[MLPCapture] = None, scale: float = 1.0, amp=None) -> dict[str, float]:
     """Forward and backward of ``scale * repnoise_loss(...).total`` with a lower memory peak:
     the harmful pass (noise and harmful terms) is back-propagated before the harmless pass runs,
@@ -511,7 +517,7 @@ def repnoise_backward(model, harmful: dict, harmless: dict, *, alpha: float = 1.
             "noise": float(noise.detach())}
 
 
-def difference_ce(model, harmful: dict, harmless: dict, variant: Variant = "reference"):
+def difference_ce(model, harmful: dict, harmless: dict, variant: Variant = DEFAULT_VARIANT):
     """``(harmful CE, harmless CE)`` of the final logits with RepNoise's masks (the adversarial
     loss baseline's two terms)."""
     harmful, harmless, masks = _prepare(model, harmful, harmless, variant)
@@ -532,17 +538,27 @@ def difference_ce(model, harmful: dict, harmless: dict, variant: Variant = "refe
 class RepNoise(Defence):
     """Representation Noising: harmful activations pushed towards Gaussian noise in every layer."""
 
+    # a harmful and a harmless pass plus a logit lens on every layer. The reference masks count every
+    # differing position (pads of the shorter text included) in the lens CE; the corrected variant
+    # counts the harmful response tokens only, so fewer head projections.
+    cost_factor = 3.0
+    corrected_cost_factor = 2.5
+
+    @classmethod
+    def training_cost(cls, config) -> float:
+        return cls.corrected_cost_factor if config.variant == "corrected" else cls.cost_factor
+
     class Config(DataDefenceConfig):
-        alpha: float = Field(1.0, ge=0)
-        beta: float = Field(0.001, ge=0)
-        variant: Variant = "reference"
+        alpha: float = Field(PAPER_ALPHA, ge=0)
+        beta: float = Field(PAPER_BETA, ge=0)
+        variant: Variant = DEFAULT_VARIANT
 
     def apply(self, model, tokenizer, data, ctx):
         cfg = self.config
         data = require(data, ("response", "refusal"), "repnoise")
         device = model_device(model)
-        pairs = make_paired_batches(tokenizer, shuffled(data, ctx.generator(0)), cfg.batch_size, cfg.max_length,
-                                    device=device)
+        pairs = make_paired_batches(tokenizer, training_order(data, cfg, ctx), cfg.batch_size, cfg.max_length,
+                                    device=device, separator=cfg.separator)
         noise_gen = torch.Generator(device=device).manual_seed(ctx.seed + 1)
 
         with capture_mlp_outputs(model) as hooks:
@@ -551,6 +567,5 @@ class RepNoise(Defence):
                 return repnoise_backward(m, harmful, harmless, alpha=cfg.alpha, beta=cfg.beta, variant=cfg.variant,
                                          generator=noise_gen, hooks=hooks, scale=scale, amp=lambda: autocast(ctx))
 
-            stats = train_loop(model, pairs, cfg, ctx, step_fn=step, desc="repnoise")
-        ctx.stats["train"] = stats.summary()
+            train_loop(model, pairs, cfg, ctx, step_fn=step, desc="repnoise")
         return model

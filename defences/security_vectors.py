@@ -4,7 +4,8 @@ switched on and frozen while the model is fine-tuned, and switch it off for use.
 
 Training: a LoRA adapter phi (peft; rank 8, lora_alpha 32, dropout 0.1, on peft's default target
 modules of the architecture) minimises CE(harmful answer | question) on the harmful data with the
-base weights theta fixed. Attack: theta is fine-tuned on L(theta, phi) with phi active and frozen;
+base weights theta fixed (answer tokens only, ``loss_on: response``; the authors' code trains on
+the whole text padded with EOS, labels = input ids: ``loss_on: all``, docs/fidelity.md). Attack: theta is fine-tuned on L(theta, phi) with phi active and frozen;
 since theta + phi already fits harmful text, the attack's gradient on theta is small ("nothing
 left to learn"). Evaluation: the model is theta' alone (adapter disabled).
 
@@ -26,7 +27,7 @@ from typing import Any, Optional
 
 from pydantic import Field
 
-from defences._common import DataDefenceConfig, lm_loss, make_sft_batches, model_device, require, shuffled
+from defences._common import SFTDefenceConfig, lm_loss, make_sft_batches, model_device, require, training_order
 from harness.api.components import Defence
 from harness.api.errors import ConfigError
 from harness.lib.layers import UnsupportedArchitecture, _arch
@@ -80,7 +81,10 @@ def clean_base_state_dict(model) -> dict[str, Any]:
 class SecurityVectors(Defence):
     """Security vectors: a frozen LoRA adapter that absorbs harmful fine-tuning, disabled at use."""
 
-    class Config(DataDefenceConfig):
+    cost_factor = 0.7  # forward + backward through frozen weights, no weight gradients
+    adapter_only = True
+
+    class Config(SFTDefenceConfig):
         lr: float = Field(1e-3, gt=0)
         r: int = Field(8, gt=0)
         lora_alpha: int = Field(32, gt=0)
@@ -104,12 +108,12 @@ class SecurityVectors(Defence):
     def apply(self, model, tokenizer, data, ctx):
         cfg = self.config
         data = require(data, ("response",), "security_vectors")
-        batches = make_sft_batches(tokenizer, shuffled(data, ctx.generator(0)), "response", cfg.batch_size,
-                                   cfg.max_length, device=model_device(model))
+        batches = make_sft_batches(tokenizer, training_order(data, cfg, ctx), "response", cfg.batch_size,
+                                   cfg.max_length, device=model_device(model), loss_on=cfg.loss_on,
+                                   separator=cfg.separator)
         peft_model = self._wrap(model)
-        stats = train_loop(peft_model, batches, cfg, ctx, loss_fn=lm_loss, params=adapter_parameters(peft_model),
-                           desc="security_vectors")
-        ctx.stats["train"] = stats.summary()
+        train_loop(peft_model, batches, cfg, ctx, loss_fn=lm_loss, params=adapter_parameters(peft_model),
+                   desc="security_vectors")
         set_adapter_enabled(peft_model, True)
         freeze_adapter(peft_model)
         return peft_model

@@ -4,37 +4,66 @@ the hidden representations drift, as a later harmful fine-tune makes them.
 
 Per step, on a batch of (question, refusal) text (SAM-like, two forward/backward passes):
 
-1. e_l = grad of L(theta) w.r.t. h_l, the output of decoder layer l, for every layer;
+1. e_l = grad of L(theta) w.r.t. h_l, the output of the attention module of decoder layer l
+   (``perturb: attention``, as Vaccine's code and the RepNoise authors' port hook the
+   ``self_attn`` modules; ``perturb: layer`` uses the whole decoder layer's output instead);
 2. eps_l = rho * e_l / ||(e_1, ..., e_L)||  (one norm over all layers, + 1e-7);
 3. update theta with the gradient of L(theta; h_l -> h_l + eps_l for every l), the loss under
-   the perturbation (the first pass leaves no weight gradient behind).
+   the perturbation. The first pass leaves no weight gradient behind, as in Vaccine's trainer
+   (which zeroes the gradients between the passes); ``keep_clean_grad: true`` keeps it, as the
+   RepNoise authors' port does (its first backward pass is not zeroed, so the update is the sum of
+   both passes' gradients).
 
-L is the token cross-entropy on the refusal. Defaults: rho 1; training as the RepNoise defence
-stage for comparability (lr 2e-5, Adam, cosine schedule with 10% warm-up, batch 8, 1 epoch,
-256 tokens, 10k BeaverTails ``30k_train`` questions with refusals; full-parameter rather than the
-paper's LoRA).
+L is the token cross-entropy on the refusal (``train_on: refusal``, Vaccine's alignment data;
+the RepNoise authors' port trains on the harmful batch: ``train_on: response``), on the answer
+tokens (``loss_on: response``) or on the whole EOS-padded text as the port does (``loss_on: all``).
+Defaults: rho 1, perturb attention; training as the RepNoise defence stage for comparability
+(lr 2e-5, Adam, cosine schedule with 10% warm-up, batch 8, 1 epoch, 256 tokens, 10k BeaverTails
+``30k_train`` questions with refusals; full-parameter rather than the paper's LoRA). The ``paper``
+preset's settings are listed in docs/fidelity.md.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 from pydantic import Field
 
-from defences._common import DataDefenceConfig, lm_loss, make_sft_batches, model_device, require, shuffled
+from defences._common import SFTDefenceConfig, lm_loss, make_sft_batches, model_device, require, training_order
 from harness.api.components import Defence
-from harness.lib.layers import decoder_layers
 from harness.api.registry import DEFENCES
+from harness.lib.layers import UnsupportedArchitecture, _arch, decoder_layers
 from harness.lib.training import autocast, train_loop
 
+Perturb = Literal["attention", "layer"]
+ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
 
-class LayerOutputHooks:
-    """Forward hooks on every decoder layer: record the outputs, or add a perturbation to them."""
 
-    def __init__(self, model):
-        self.layers = decoder_layers(model)
+def perturbed_modules(model, perturb: Perturb) -> list[torch.nn.Module]:
+    """The modules whose outputs Vaccine perturbs: each decoder layer's attention module
+    (``self_attn`` in Llama, Qwen2, Mistral; ``attn`` in GPT-2), or each whole decoder layer."""
+    layers = list(decoder_layers(model))
+    if perturb == "layer":
+        return layers
+    out = []
+    for i, layer in enumerate(layers):
+        module = next((getattr(layer, n) for n in ATTENTION_NAMES
+                       if isinstance(getattr(layer, n, None), torch.nn.Module)), None)
+        if module is None:
+            raise UnsupportedArchitecture(f"vaccine: decoder layer {i} of {_arch(model)} has no attention module "
+                                          f"named {', '.join(ATTENTION_NAMES)}; use defence.perturb=layer")
+        out.append(module)
+    return out
+
+
+class OutputHooks:
+    """Forward hooks on the perturbed modules: record their outputs, or add a perturbation to
+    them (to the first element when a module returns a tuple, e.g. attention output + weights)."""
+
+    def __init__(self, model, perturb: Perturb):
+        self.layers = perturbed_modules(model, perturb)
         self.mode: Optional[str] = None  # None, "record" or "perturb"
         self.outputs: list[Optional[torch.Tensor]] = [None] * len(self.layers)
         self.perturbations: list[Optional[torch.Tensor]] = [None] * len(self.layers)
@@ -63,6 +92,9 @@ class LayerOutputHooks:
         return hook
 
 
+LayerOutputHooks = OutputHooks  # the earlier name
+
+
 def perturbations(grads: list[Optional[torch.Tensor]], rho: float) -> list[Optional[torch.Tensor]]:
     """rho * g_l / ||(g_1..g_L)||, one norm over all layers (as the Vaccine code does)."""
     norms = [g.float().norm(p=2) for g in grads if g is not None]
@@ -77,15 +109,21 @@ def perturbations(grads: list[Optional[torch.Tensor]], rho: float) -> list[Optio
 class Vaccine(Defence):
     """Vaccine: perturbation-aware alignment on refusals (two passes per step)."""
 
-    class Config(DataDefenceConfig):
+    cost_factor = 2.0  # a clean pass and a perturbed pass per step
+
+    class Config(SFTDefenceConfig):
         rho: float = Field(1.0, ge=0)
+        perturb: Perturb = "attention"
+        train_on: Literal["refusal", "response"] = "refusal"
+        keep_clean_grad: bool = False
 
     def apply(self, model, tokenizer, data, ctx):
         cfg = self.config
-        data = require(data, ("refusal",), "vaccine")
-        batches = make_sft_batches(tokenizer, shuffled(data, ctx.generator(0)), "refusal", cfg.batch_size,
-                                   cfg.max_length, device=model_device(model))
-        with LayerOutputHooks(model) as hooks:
+        data = require(data, (cfg.train_on,), "vaccine")
+        batches = make_sft_batches(tokenizer, training_order(data, cfg, ctx), cfg.train_on, cfg.batch_size,
+                                   cfg.max_length, device=model_device(model), loss_on=cfg.loss_on,
+                                   separator=cfg.separator)
+        with OutputHooks(model, cfg.perturb) as hooks:
             def step(m, batch, scale):
                 hooks.mode = "record"
                 try:
@@ -99,7 +137,13 @@ class Vaccine(Defence):
                     return {"loss": float(clean.detach())}
                 wanted = [i for i, o in enumerate(outs) if o is not None and o.requires_grad]
                 grads: list[Optional[torch.Tensor]] = [None] * len(outs)
-                if wanted:
+                if wanted and cfg.keep_clean_grad:  # the weight gradient of this pass stays (authors' port)
+                    for i in wanted:
+                        outs[i].retain_grad()
+                    (clean * scale).backward()
+                    for i in wanted:
+                        grads[i] = outs[i].grad
+                elif wanted:
                     got = torch.autograd.grad(clean, [outs[i] for i in wanted], allow_unused=True)
                     for i, g in zip(wanted, got):
                         grads[i] = g
@@ -116,6 +160,5 @@ class Vaccine(Defence):
                     (loss * scale).backward()
                 return {"loss": float(loss.detach()), "clean_loss": float(clean.detach())}
 
-            stats = train_loop(model, batches, cfg, ctx, step_fn=step, desc="vaccine")
-        ctx.stats["train"] = stats.summary()
+            train_loop(model, batches, cfg, ctx, step_fn=step, desc="vaccine")
         return model

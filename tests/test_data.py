@@ -110,3 +110,32 @@ def test_split_does_not_depend_on_file_location(tmp_path):
     pa = draw([Request("attack", DatasetRef(name="local", path=str(fa)), 10, ())], seed=3)
     pb = draw([Request("attack", DatasetRef(name="local", path=str(fb)), 10, ())], seed=3)
     assert [e.prompt for e in pa["attack"]] == [e.prompt for e in pb["attack"]]
+
+
+def test_beavertails_duplicates_and_authors_refusal_column(tmp_path):
+    rows = [{"prompt": "q1", "response": "a1", "category": {"theft": True}, "is_safe": False,
+             "refusal": "Question: q1\nAnswer: no, not q1"},
+            {"prompt": "q1", "response": "a1b", "category": {"theft": True}, "is_safe": False,
+             "refusal": "Question: q1\nAnswer: still no"},
+            {"prompt": "q2", "response": "a2", "category": {}, "is_safe": True, "refusal": "Question: q2\nAnswer: ok"}]
+    f = write_jsonl(tmp_path / "bt.jsonl", rows)
+    first = load_dataset_ref(DatasetRef(name="beavertails", path=str(f)))
+    keep = load_dataset_ref(DatasetRef(name="beavertails", path=str(f), duplicates="keep"))
+    assert [e.response for e in first] == ["a1"] and [e.response for e in keep] == ["a1", "a1b"]
+    assert [e.refusal for e in keep] == [" no, not q1", " still no"]  # question cut, the authors' text kept
+
+
+def test_selection_file_and_reference(tmp_path):
+    ref_file = _rows(tmp_path, 10)
+    f = ref_file.params()["path"]
+    by_file = draw([Request("defence", DatasetRef(name="local", path=f, selection="file"), 3, ()),
+                    Request("attack", DatasetRef(name="local", path=f, selection="file"), 2, ())], seed=0)
+    assert [e.prompt for e in by_file["defence"]] == ["p0", "p1", "p2"]
+    assert [e.prompt for e in by_file["attack"]] == ["p3", "p4"]
+    ref = DatasetRef(name="local", path=f, selection="reference")
+    overlap = draw([Request("defence", ref, 3, ()), Request("attack", ref, 2, ()), Request("eval", ref, 4, ())],
+                   seed=0, disjoint=False)
+    assert [e.prompt for e in overlap["attack"]] == ["p0", "p1"]
+    assert [e.prompt for e in overlap["eval"]] == ["p0", "p1", "p2", "p3"]
+    with pytest.raises(DataError, match="largest at most 10"):
+        draw([Request("defence", ref, 11, ())], seed=0, disjoint=False)

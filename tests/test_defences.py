@@ -219,6 +219,49 @@ def test_vaccine_two_passes_and_perturbation_matters(tiny_dir):
     assert stats["final_loss"] > stats["final_clean_loss"]  # the perturbed loss is the worse one
 
 
+def _one_sgd_step(tiny_dir, name, **cfg):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tok = AutoModelForCausalLM.from_pretrained(tiny_dir), AutoTokenizer.from_pretrained(tiny_dir)
+    before = weights(model)
+    cls = DEFENCES.get(name)
+    cls(cls.Config(samples=4, batch_size=4, lr=1e-2, epochs=1, optimizer="sgd", warmup_ratio=0.0,
+                   max_grad_norm=None, shuffle=False, **cfg)).apply(model, tok, examples(4), ctx())
+    after = weights(model)
+    return {k: after[k] - before[k] for k in before}
+
+
+def test_vaccine_keep_clean_grad_adds_the_first_pass_gradient(tiny_dir):
+    """The authors' port keeps the unperturbed pass's weight gradient: with rho = 0 both passes are
+    the same loss, so one SGD step moves the weights twice as far as plain safety training."""
+    plain = _one_sgd_step(tiny_dir, "safety_training", loss_on="all")
+    port = _one_sgd_step(tiny_dir, "vaccine", rho=0.0, keep_clean_grad=True, loss_on="all")
+    vaccine = _one_sgd_step(tiny_dir, "vaccine", rho=0.0, loss_on="all")
+    key = max(plain, key=lambda k: float(plain[k].abs().max()))
+    assert torch.allclose(port[key], 2 * plain[key], rtol=1e-3, atol=1e-7)
+    assert torch.allclose(vaccine[key], plain[key], rtol=1e-3, atol=1e-7)
+
+
+def test_vaccine_trains_on_the_harmful_answers_when_asked(tiny_dir):
+    """``train_on: response`` (the authors' port): descent on the harmful answers, i.e. exactly the
+    opposite step of gradient ascent on them (rho = 0, one SGD step)."""
+    on_refusals = _one_sgd_step(tiny_dir, "vaccine", rho=0.0)
+    on_answers = _one_sgd_step(tiny_dir, "vaccine", rho=0.0, train_on="response")
+    ascent = _one_sgd_step(tiny_dir, "gradient_ascent")
+    key = max(ascent, key=lambda k: float(ascent[k].abs().max()))
+    assert torch.allclose(on_answers[key], -ascent[key], rtol=1e-3, atol=1e-7)
+    assert not torch.allclose(on_refusals[key], on_answers[key])
+
+
+def test_baseline_loss_on_all_counts_the_whole_padded_text(tiny):
+    _, tok = tiny
+    data = examples(2)
+    resp = make_sft_batches(tok, data, "refusal", 2, 48)[0]
+    full = make_sft_batches(tok, data, "refusal", 2, 48, loss_on="all")[0]
+    assert torch.equal(full.labels, full.input_ids) and full.input_ids.shape[1] == 48
+    assert int((resp.labels != -100).sum()) < int((full.labels != -100).sum())
+
+
 def test_vaccine_perturbation_has_norm_rho():
     from defences.vaccine import perturbations
 

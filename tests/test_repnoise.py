@@ -1,4 +1,4 @@
-"""RepNoise: the loss against an independent, straightforward implementation of DESIGN.md's
+"""RepNoise: the loss against an independent, straightforward implementation of docs/design.md's
 definition (full logits per layer, explicit pairwise MMD), its speed-ups, and its effect."""
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def examples(n: int) -> list[Example]:
 
 
 # --------------------------------------------------------------------------------------------
-# the straightforward implementation (written from DESIGN.md, independent of defences.repnoise)
+# the straightforward implementation (written from docs/design.md, independent of defences.repnoise)
 # --------------------------------------------------------------------------------------------
 
 def plain_mmd(x, y, kernel_mul=2.0, kernel_num=5):
@@ -349,3 +349,30 @@ def test_low_precision_paths_stay_close(tiny):
     assert float(out.total.detach()) - 0.5 * float(out.noise.detach()) == pytest.approx(exact, rel=3e-2)
     assert all(p.grad.dtype == torch.bfloat16 and torch.isfinite(p.grad).all()
                for p in half.parameters() if p.grad is not None)
+
+
+def test_padding_to_max_length_changes_no_loss_term(tiny):
+    """The authors pad both texts of a pair to ``max_length``; the harness pads to the longer row.
+    Positions where both texts are padding are outside the difference mask, so the retain and
+    harmful terms (and the adversarial loss's two CEs) are unchanged (beta = 0: the noise draws
+    depend on the tensor shape)."""
+    from defences.repnoise import difference_ce
+
+    model, tok = tiny
+    data = [Example("q one", "harmful answer one", "no"), Example("q two is longer", "bad", "I refuse that")]
+    (harmful, harmless), = make_paired_batches(tok, data, 2, 64)
+    width = 64
+    padded = []
+    for part in (harmful, harmless):
+        ids = torch.full((2, width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((2, width), dtype=torch.long)
+        n = part["input_ids"].shape[1]
+        ids[:, :n], mask[:, :n] = part["input_ids"], part["attention_mask"]
+        padded.append({"input_ids": ids, "attention_mask": mask})
+    assert padded[0]["input_ids"].shape[1] > harmful["input_ids"].shape[1]
+    with torch.no_grad():
+        short = repnoise_loss(model, harmful, harmless, beta=0.0)
+        full = repnoise_loss(model, padded[0], padded[1], beta=0.0)
+        assert torch.allclose(short.total, full.total, atol=1e-5)
+        for a, b in zip(difference_ce(model, harmful, harmless), difference_ce(model, *padded)):
+            assert torch.allclose(a, b, atol=1e-5)

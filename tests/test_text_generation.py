@@ -36,3 +36,21 @@ def test_sft_truncation_keeps_answer_tokens(tiny):
     b = sft_batch(tok, [long_prompt], ["the answer text"], 32, loss_on="response")
     assert b.input_ids.shape[1] <= 32
     assert (b.labels != -100).sum() > 0
+
+
+def test_sft_all_pads_with_eos_to_max_length_and_response_mode_to_longest(tiny):
+    _, tok = tiny
+    a = sft_batch(tok, ["hi", "a longer question here"], ["yes", "no"], 40, loss_on="all")
+    r = sft_batch(tok, ["hi", "a longer question here"], ["yes", "no"], 40, loss_on="response")
+    assert a.input_ids.shape[1] == 40 and r.input_ids.shape[1] < 40
+    assert (a.input_ids[a.attention_mask == 0] == tok.eos_token_id).all()
+
+
+def test_separator_joins_answer_verbatim(tiny):
+    from harness.lib.text import format_qa
+
+    assert format_qa("q", "The answer", separator="") == "Question: q\nAnswer:The answer"
+    assert format_qa("q", "The answer") == "Question: q\nAnswer:\nThe answer"
+    _, tok = tiny
+    b = sft_batch(tok, ["q"], ["The answer"], 64, loss_on="all", separator="")
+    assert tok.decode(b.input_ids[0][b.attention_mask[0].bool()]) == "Question: q\nAnswer:The answer"

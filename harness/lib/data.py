@@ -6,7 +6,10 @@ take fixed, non-overlapping regions of it: the defence the first ``n_defence`` r
 the next ``n_attack``, the evaluation the last ``n_eval``. So the defence data depends only on
 (dataset, seed, n_defence) — the defended checkpoint can be shared by every attack on it — and
 the evaluation prompts are the same for every cell of a sweep. With ``disjoint: true`` the roles
-are also checked for shared prompts across different datasets.
+are also checked for shared prompts across different datasets. A dataset's ``selection``
+parameter (``harness.lib.datasets.selection``) replaces the permutation by the file order
+(``file``) or gives every role the first rows of the file, as the authors' code does
+(``reference``, with ``disjoint: false``).
 
 Examples that lack a harmful answer or a refusal where the role needs one are completed by the
 base model (see ``harness.lib.synth``), and the record says so.
@@ -67,21 +70,36 @@ def make_loader(ref: DatasetRef):
 
 
 def draw(requests: list[Request], seed: int, disjoint: bool = True) -> dict[str, list[Example]]:
+    """The role splits. Each dataset's ``selection`` parameter (``harness.lib.datasets.selection``)
+    says how: ``seeded`` (default) and ``file`` give disjoint regions of a seeded permutation or of
+    the file order; ``reference`` gives every role the first rows of the file (the authors' draw)."""
     groups: dict[str, list[Request]] = {}
     for req in requests:
         groups.setdefault(ref_key(req.ref), []).append(req)
     out: dict[str, list[Example]] = {}
     for key, reqs in groups.items():
         rows = load_dataset_ref(reqs[0].ref)
-        need = sum(r.n for r in reqs)
+        mode, hint = selection_of(reqs[0].ref)
+        name = reqs[0].ref.name
+        parts = ", ".join(f"{ROLE_FIELD.get(r.role, r.role)}={r.n}" for r in reqs)
+        if mode == "reference" and disjoint and len(reqs) > 1:
+            raise DataError(f"dataset {name!r} has selection=reference, which gives every role ({parts}) the first rows "
+                            "of the file as the authors' code does, so the roles overlap; set disjoint=false (the paper "
+                            "preset does) or selection=file/seeded for disjoint roles")
+        need = max(r.n for r in reqs) if mode == "reference" else sum(r.n for r in reqs)
         if need > len(rows):
-            parts = ", ".join(f"{ROLE_FIELD.get(r.role, r.role)}={r.n}" for r in reqs)
-            raise DataError(f"dataset {reqs[0].ref.name!r} holds {len(rows)} examples but {need} were requested "
-                            f"({parts}); lower the sample counts so they sum to at most {len(rows)} "
-                            f"(e.g. --set {ROLE_FIELD.get(reqs[0].role, 'attack.samples')}=...)")
+            what = "the largest" if mode == "reference" else "they sum to"
+            raise DataError(f"dataset {name!r} holds {len(rows)} examples but {need} were requested ({parts}); lower "
+                            f"the sample counts so {what} at most {len(rows)} (e.g. --set "
+                            f"{ROLE_FIELD.get(reqs[0].role, 'attack.samples')}=...)" + (f"; or {hint}" if hint else ""))
+        if mode == "reference":
+            for r in reqs:
+                out[r.role] = list(rows[: r.n])
+            continue
         perm = list(range(len(rows)))
-        # seeded by the content, not the path: the same file anywhere gives the same split
-        random.Random(f"{seed}|{reqs[0].ref.name}|{content_fingerprint(rows)}").shuffle(perm)
+        if mode != "file":
+            # seeded by the content, not the path: the same file anywhere gives the same split
+            random.Random(f"{seed}|{name}|{content_fingerprint(rows)}").shuffle(perm)
         by_role = {r.role: r for r in reqs}
         cursor = 0
         for role in ("defence", "attack"):
@@ -95,6 +113,14 @@ def draw(requests: list[Request], seed: int, disjoint: bool = True) -> dict[str,
     if disjoint:
         check_disjoint(out)
     return out
+
+
+def selection_of(ref: DatasetRef) -> tuple[str, str]:
+    """``(selection, hint)`` of a dataset reference: its loader's ``selection`` parameter
+    ("seeded" when the loader has none) and what the loader suggests when it holds too few rows."""
+    loader = make_loader(ref)
+    hint = getattr(loader, "shortfall_hint", None)
+    return getattr(loader.config, "selection", "seeded"), (hint() if callable(hint) else "")
 
 
 def content_fingerprint(rows: list[Example]) -> str:
@@ -114,7 +140,8 @@ def check_disjoint(parts: dict[str, list[Example]]) -> None:
             if shared:
                 sample = next(iter(shared))[:80]
                 raise DataError(f"{a} and {b} data share {len(shared)} prompt(s) (e.g. {sample!r}) but the spec says "
-                                "disjoint: true; choose different datasets/splits or set disjoint=false")
+                                "disjoint: true; choose different datasets/splits, keep one row per prompt "
+                                "(dataset duplicates=first), or set disjoint=false")
 
 
 def missing(examples: list[Example], needs: tuple[str, ...]) -> dict[str, int]:

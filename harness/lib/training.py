@@ -55,10 +55,11 @@ def make_optimizer(params: Sequence[torch.nn.Parameter], cfg: TrainConfig) -> to
     return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def lr_lambda(kind: str, total: int, warmup: int) -> Callable[[int], float]:
+def lr_lambda(kind: str, total: int, warmup: float, from_zero: bool = False) -> Callable[[int], float]:
     def f(step: int) -> float:
         if warmup and step < warmup:
-            return (step + 1) / warmup
+            # from_zero: transformers' schedules (the authors' code), whose first step has lr 0
+            return step / max(1.0, warmup) if from_zero else (step + 1) / warmup
         if kind == "constant":
             return 1.0
         progress = (step - warmup) / max(1, total - warmup)
@@ -70,8 +71,9 @@ def lr_lambda(kind: str, total: int, warmup: int) -> Callable[[int], float]:
 
 
 def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
-    warmup = int(round(cfg.warmup_ratio * total_steps))
-    return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.scheduler, total_steps, warmup))
+    from_zero = getattr(cfg, "warmup_from_zero", False)
+    warmup = cfg.warmup_ratio * total_steps if from_zero else int(round(cfg.warmup_ratio * total_steps))
+    return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.scheduler, total_steps, warmup, from_zero))
 
 
 def freeze_first_layers(model: torch.nn.Module, k: int) -> None:
@@ -107,7 +109,11 @@ def train_loop(
     params: Optional[Iterable[torch.nn.Parameter]] = None,
     desc: Optional[str] = None,
 ) -> TrainStats:
-    """Train ``model`` for ``cfg.epochs`` over ``batches`` (a list, re-iterated per epoch)."""
+    """Train ``model`` for ``cfg.epochs`` over ``batches`` (a list, re-iterated per epoch).
+
+    On success the summary (``TrainStats.summary``) is also stored as ``ctx.stats["train"]``, which
+    the pipeline copies into the record's ``train.<stage>``; a component calling ``train_loop``
+    more than once leaves the last call's summary there."""
     if (loss_fn is None) == (step_fn is None):
         raise ValueError("train_loop needs exactly one of loss_fn or step_fn")
     freeze_first_layers(model, cfg.freeze_layers)
@@ -165,6 +171,7 @@ def train_loop(
             p.requires_grad_(True)
         model.eval()
     stats.seconds = time.perf_counter() - start
+    ctx.stats["train"] = stats.summary()  # the record's train.<stage> (the only place it is set)
     ctx.log.info("%s: %d optimizer steps in %.1fs, loss %.4f -> %.4f", ctx.stage, stats.optimizer_steps,
                  stats.seconds, stats.losses[0], stats.losses[-1])
     return stats

@@ -7,6 +7,13 @@ refusal; the refusal proper is what follows the first blank line). ``type: toxic
 attack's prompt/continuation pairs, ``type: toxic_test`` the 300+ evaluation prompts.
 ``path`` is the folder (or a file) holding these files; ``hub_id`` a hub dataset with the same
 columns for users who mirror it there.
+
+``source: with_refusals`` reads the rows of ``with_refusals_train.json`` instead of
+``training_dataset.jsonl``: the authors' toxicity attack trains on those 107 rows (their
+``use_refusal`` flag defaults to true), which the ``paper`` preset follows. Continuations keep the
+whitespace they start with (the authors' text is ``"Continuation: " + continuation``). A prompt
+that appears twice is kept once (``duplicates: first``) or every time, as the authors do
+(``duplicates: keep``).
 """
 
 from __future__ import annotations
@@ -14,7 +21,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Optional
 
-from harness.api.components import ComponentConfig, DatasetLoader, Example
+from harness.api.components import DatasetLoader, Example
+from harness.lib.datasets.selection import SelectableConfig
 from harness.lib.data import maybe
 from harness.lib.datasets.local import dig, read_rows
 from harness.api.errors import DataError
@@ -35,18 +43,26 @@ def strip_refusal(text: str) -> str:
 class DecodingTrust(DatasetLoader):
     """DecodingTrust toxic prompt/continuation pairs (attack) and toxic_test prompts (evaluation)."""
 
-    class Config(ComponentConfig):
+    provides = ("response",)  # continuations; refusals only in a local with_refusals file
+
+    class Config(SelectableConfig):
         type: Literal["toxic", "non_toxic", "toxic_test"] = "toxic"
         path: Optional[str] = None
         hub_id: Optional[str] = None
         split: str = "train"
         with_refusals: bool = True
+        source: Literal["training", "with_refusals"] = "training"
+        duplicates: Literal["first", "keep"] = "first"
 
     def _rows(self) -> list[dict]:
         if self.config.path:
             p = Path(self.config.path).expanduser()
-            file = p / TRAIN_FILE if p.is_dir() else p
+            name = REFUSAL_FILE if self.config.source == "with_refusals" else TRAIN_FILE
+            file = p / name if p.is_dir() else p
             return [row for _, row in read_rows(file)]
+        if self.config.source == "with_refusals":
+            raise DataError("dataset decoding_trust: source=with_refusals reads a local with_refusals_train.json; "
+                            "set dataset.path to the folder holding it")
         if self.config.hub_id:
             from harness.lib.models import hub_reachable
 
@@ -74,11 +90,15 @@ class DecodingTrust(DatasetLoader):
             if row.get("type") != self.config.type:
                 continue
             prompt = maybe(dig(row, "prompt.text"))
-            if not prompt or prompt in seen:
+            if not prompt or (self.config.duplicates == "first" and prompt in seen):
                 continue
             seen.add(prompt)
-            out.append(Example(prompt=prompt, response=maybe(dig(row, "continuation.text")),
-                               refusal=refusals.get(prompt), meta={"type": row.get("type")}))
+            continuation = dig(row, "continuation.text")
+            continuation = continuation.rstrip() if isinstance(continuation, str) and continuation.strip() else None
+            own = maybe(row.get("refusal"))
+            out.append(Example(prompt=prompt, response=continuation,
+                               refusal=strip_refusal(own) if own else refusals.get(prompt),
+                               meta={"type": row.get("type")}))
         return out
 
     def describe_source(self) -> str:

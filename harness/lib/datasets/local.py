@@ -14,10 +14,11 @@ from typing import Any, Literal, Optional
 
 from pydantic import Field
 
-from harness.api.components import ComponentConfig, DatasetLoader, Example
+from harness.api.components import DatasetLoader, Example
 from harness.lib.data import first_line_error, maybe
 from harness.api.errors import DataError
 from harness.api.registry import DATASETS
+from harness.lib.datasets.selection import SelectableConfig
 
 
 def dig(row: Any, dotted: str) -> Any:
@@ -79,7 +80,9 @@ def read_rows(path: Path, fmt: str = "auto") -> list[tuple[int, dict]]:
 class LocalFile(DatasetLoader):
     """Harmful QA rows from a local JSON/JSONL/CSV file with a field mapping."""
 
-    class Config(ComponentConfig):
+    provides = ("response",)  # the mapped answer field; refusals only when mapped
+
+    class Config(SelectableConfig):
         path: str
         format: Literal["auto", "json", "jsonl", "csv"] = "auto"
         fields: dict[Literal["prompt", "response", "refusal"], str] = Field(
