@@ -1,9 +1,15 @@
-"""Leaderboard figures (PNG, matplotlib Agg backend): harm against attack strength, weight distance.
+"""Leaderboard figures (PNG, matplotlib Agg backend): harm against attack strength, harm per
+category, weight distance.
 
-- ``harm_vs_lr(records, out)``: for each setting (model, attack loss mode, scorer) and evaluation
-  (harmfulness, toxicity), post-attack mean score against the attack learning rate (log x axis),
-  one line per defence with error bars (sample std over seeds), one panel per attack x sample
-  count; the dotted line of each defence is its pre-attack score.
+- ``harm_vs_lr(records, out, samples)``: for each setting (model, attack loss mode, scorer) and
+  evaluation (harmfulness, toxicity), post-attack mean score against the attack learning rate (log
+  x axis), one line per defence, one panel per attack x sample count. Each point is the cell of the
+  harm table: the mean per-prompt score with its 95% bootstrap CI as the error bar (no bar where
+  the samples are missing). Defences differ in colour, marker and line style, and each is shifted
+  a little along x (a fixed fraction of a decade) so that equal values do not hide each other; the
+  dotted horizontal line of each defence is its pre-attack score.
+- ``category_plots(tables, out)``: the per-category tables as grouped bars with CIs
+  (``leaderboards.categories.category_plot``).
 - ``weight_distance_plots(results_dir, out)``: the per-layer L2 weight distance between base,
   defended and attacked models, from any ``*weight_distance*.csv`` in the results folder (the
   records hold no weights). ``harness.lib.analysis.plot_weight_distance(df, png)`` draws the table
@@ -17,15 +23,21 @@ from __future__ import annotations
 
 import logging
 import re
-import statistics
 from collections import defaultdict
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 from harness.api.record import TrialRecord
-from leaderboards.views import BASE, EVALUATIONS, defence_order, trial_views
+from leaderboards.categories import category_plot
+from leaderboards.cells import Table, eval_groups
+from leaderboards.tables import PRE, build_tables, score_cells
+from leaderboards.views import BASE, EVALUATIONS, Samples, defence_order, load_samples, trial_views
 
 log = logging.getLogger(__name__)
+
+MARKERS = ("s", "o", "^", "v", "D", "P", "X", "<", ">", "h", "*", "p")
+LINESTYLES = ("-", "--", "-.", (0, (3, 1, 1, 1, 1, 1)), (0, (5, 2)), (0, (1, 1)))
+DODGE_DECADES = 0.025  # horizontal shift between neighbouring defences, in decades of the log axis
 
 
 def _pyplot():
@@ -41,72 +53,82 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:60] or "x"
 
 
-def harm_vs_lr(records: Iterable[TrialRecord], out: str | Path) -> list[Path]:
+def defence_style(i: int, label: str) -> dict:
+    """Colour, marker and line style of the i-th defence (the base model: black squares, thick)."""
+    if label == BASE:
+        return dict(color="black", marker="s", ls="-", lw=2.4, ms=7)
+    return dict(color=f"C{i % 10}", marker=MARKERS[i % len(MARKERS)], ls=LINESTYLES[i % len(LINESTYLES)], lw=1.5,
+                ms=6)
+
+
+def harm_vs_lr(records: Iterable[TrialRecord], out: str | Path,
+               samples: Optional[Mapping[str, Samples]] = None) -> list[Path]:
     """One PNG per (setting, evaluation): ``<evaluation>_vs_lr.png`` (suffixed when several)."""
-    views = [v for v in trial_views(records) if v.lr is not None]
-    groups: dict[tuple, list] = defaultdict(list)
-    for v in views:
-        groups[(v.evaluation, v.setting)].append(v)
-    per_eval: dict[str, int] = defaultdict(int)
-    for ev, _ in groups:
-        per_eval[ev] += 1
+    views = [v for v in trial_views(records, samples if samples is not None else {}) if v.lr is not None]
+    evs = [e for e in EVALUATIONS if any(v.evaluation == e for v in views)]
+    evs += sorted({v.evaluation for v in views} - set(evs))
     out = Path(out)
     written: list[Path] = []
-    seen: dict[str, int] = defaultdict(int)
-    # the same order as the tables: evaluation, then the setting with most records first
-    order = sorted(groups, key=lambda k: (EVALUATIONS.index(k[0]) if k[0] in EVALUATIONS else 99, k[0],
-                                          -len(groups[k]), tuple(str(x) for x in k[1])))
-    for ev, setting in order:
-        group = groups[(ev, setting)]
-        panels: dict[str, list] = defaultdict(list)
-        for v in group:
-            panels[re.sub(r" lr=\S+", "", v.attack_label)].append(v)
-        if not any(v.score("post_attack", ev, "mean") is not None for v in group):
-            continue
-        plt = _pyplot()
-        names = sorted(panels)
-        fig, axes = plt.subplots(1, len(names), figsize=(max(6.5, 5.5 * len(names)), 4.6), squeeze=False)
-        for ax, name in zip(axes[0], names):
-            pv = panels[name]
-            for i, label in enumerate(defence_order(v.defence_label for v in pv)):
-                rows = [v for v in pv if v.defence_label == label]
-                by_lr: dict[float, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-                pre: dict[str, list[float]] = defaultdict(list)
-                for v in rows:
-                    post = v.score("post_attack", ev, "mean")
-                    if post is not None:
-                        by_lr[v.lr][str(v.seed)].append(post)
-                    p = v.score("pre_attack", ev, "mean")
-                    if p is not None:
-                        pre[str(v.seed)].append(p)
-                lrs = sorted(by_lr)
-                if not lrs:
-                    continue
-                seed_means = [[statistics.fmean(x) for x in by_lr[lr].values()] for lr in lrs]
-                means = [statistics.fmean(s) for s in seed_means]
-                stds = [statistics.stdev(s) if len(s) > 1 else 0.0 for s in seed_means]
-                color = f"C{i % 10}"
-                style = dict(lw=2.5, marker="s") if label == BASE else dict(lw=1.5, marker="o")
-                ax.errorbar(lrs, means, yerr=stds, color=color, capsize=3, label=label, **style)
-                if pre:
-                    ax.axhline(statistics.fmean(statistics.fmean(x) for x in pre.values()), color=color, ls=":", lw=1)
-            ax.set_xscale("log")
-            ax.set_xlabel("attack learning rate")
-            ax.set_ylabel(f"post-attack {ev} (mean)")
-            ax.set_title(name, fontsize=9)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-        v0 = group[0]
-        fig.suptitle(f"{ev} vs attack learning rate (dotted: before the attack)\nmodel {v0.model}, "
-                     f"attack loss_on {v0.loss_on}, scorer {v0.scorer}", fontsize=8)
-        fig.tight_layout()
-        seen[ev] += 1
-        name = f"{ev}_vs_lr.png" if per_eval[ev] == 1 else f"{ev}_vs_lr-{seen[ev]}.png"
-        path = out / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+    for ev in evs:
+        ev_groups = [g for g in eval_groups(views, ev) if any(v.score("post_attack", ev, "mean") is not None for v in g)]
+        for n_group, group in enumerate(ev_groups, 1):
+            _, cells = score_cells(group, ev)
+            panels: dict[str, list] = defaultdict(list)
+            for v in group:
+                panels[re.sub(r" lr=\S+", "", v.attack_label)].append(v)
+            plt = _pyplot()
+            names = sorted(panels)
+            fig, axes = plt.subplots(1, len(names), figsize=(max(7.0, 6.0 * len(names)), 4.8), squeeze=False)
+            for ax, name in zip(axes[0], names):
+                pv = panels[name]
+                labels = defence_order(v.defence_label for v in pv)
+                for i, label in enumerate(labels):
+                    cols = sorted({(v.lr, v.attack_label) for v in pv if v.defence_label == label})
+                    pts = [(lr, cells[(label, col)]) for lr, col in cols
+                           if (label, col) in cells and cells[(label, col)].mean is not None]
+                    if not pts:
+                        continue
+                    shift = 10 ** (DODGE_DECADES * (i - (len(labels) - 1) / 2))
+                    xs = [lr * shift for lr, _ in pts]
+                    means = [c.mean for _, c in pts]
+                    ests = [c.estimate() for _, c in pts]
+                    lo = [m - e.lo if e else 0.0 for m, e in zip(means, ests)]
+                    hi = [e.hi - m if e else 0.0 for m, e in zip(means, ests)]
+                    style = defence_style(i, label)
+                    ax.errorbar(xs, means, yerr=[lo, hi], capsize=3, label=label, mfc="white" if i % 2 else None,
+                                **style)
+                    pre = cells.get((label, PRE))
+                    if pre is not None and pre.mean is not None:
+                        ax.axhline(pre.mean, color=style["color"], ls=":", lw=1)
+                ax.set_xscale("log")
+                ax.set_ylim(-0.03, 1.03)
+                ax.set_xlabel("attack learning rate (points shifted slightly per defence)")
+                ax.set_ylabel(f"post-attack {ev} (mean, 95% CI)")
+                ax.set_title(name, fontsize=9)
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize=7, loc="best")
+            v0 = group[0]
+            fig.suptitle(f"{ev} vs attack learning rate (dotted: before the attack; bars: 95% bootstrap CI)\n"
+                         f"model {v0.model}, attack loss_on {v0.loss_on}, scorer {v0.scorer}", fontsize=8)
+            fig.tight_layout()
+            fname = f"{ev}_vs_lr.png" if len(ev_groups) == 1 else f"{ev}_vs_lr-{n_group}.png"
+            path = out / fname
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            written.append(path)
+    return written
+
+
+def category_plots(tables: Sequence[Table], out: str | Path) -> list[Path]:
+    """One PNG per per-category table: ``<evaluation>_by_category.png`` (suffixed when several)."""
+    cat = [t for t in tables if t.kind == "categories"]
+    written = []
+    for i, t in enumerate(cat, 1):
+        ev = t.title.split(" by ")[0].lower()
+        same = [x for x in cat if x.title == t.title]
+        name = f"{ev}_by_category.png" if len(same) == 1 else f"{ev}_by_category-{same.index(t) + 1}.png"
+        written.append(category_plot(t, Path(out) / name))
     return written
 
 
@@ -184,9 +206,15 @@ def weight_distance_plots(results_dir: str | Path, out: str | Path) -> list[Path
     return written
 
 
-def all_plots(records: Sequence[TrialRecord], results_dir: str | Path, out: str | Path) -> list[Path]:
+def all_plots(records: Sequence[TrialRecord], results_dir: str | Path, out: str | Path,
+              samples: Optional[Mapping[str, Samples]] = None) -> list[Path]:
+    """Every figure: harm vs lr, harm per category, weight distance. ``samples``: the per-prompt
+    scores (``views.load_samples``; read from ``results_dir`` when not given)."""
     out = Path(out)
     if out.exists():  # no stale figure of an earlier run
-        for old in [*out.glob("*_vs_lr*.png"), *out.glob("*weight_distance*.png")]:
+        for old in [*out.glob("*_vs_lr*.png"), *out.glob("*_by_category*.png"), *out.glob("*weight_distance*.png")]:
             old.unlink(missing_ok=True)
-    return harm_vs_lr(records, out) + weight_distance_plots(results_dir, out)
+    if samples is None:
+        samples = load_samples(records, results_dir)
+    return (harm_vs_lr(records, out, samples) + category_plots(build_tables(records, samples), out)
+            + weight_distance_plots(results_dir, out))

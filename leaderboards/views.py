@@ -6,6 +6,12 @@ name, lr and samples, plus any other attack parameter that differs between recor
 attack) and its setting (model, attack loss mode, evaluation, scorer, evaluation size): records of
 different settings never share a table. Which evaluation a record headlines (harmfulness,
 toxicity, ...) is the record's own ``evaluation`` field.
+
+Per-prompt scores come from each record's samples file (``results/samples/<trial_id>.jsonl``,
+named by ``record.samples_file``): ``load_samples(records, results_dir)`` reads them into
+``Samples`` (rows by phase, or the reason there are none: no file named, file missing, file
+unreadable), and ``trial_views(records, samples)`` attaches them to the views. A finished record
+without its rows is counted by the tables that need them, never silently replaced.
 """
 
 from __future__ import annotations
@@ -13,8 +19,9 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
-from dataclasses import dataclass
-from typing import Any, Iterable, Optional, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from harness.api.record import TrialRecord
 
@@ -75,6 +82,89 @@ def varying_keys(param_dicts: Iterable[dict[str, Any]], skip: Iterable[str] = ()
     return out
 
 
+@dataclass(frozen=True)
+class PromptRow:
+    """One scored generation of one phase, as the samples file holds it."""
+
+    key: tuple[str, int]
+    """(prompt, occurrence): the prompt text, numbered when the evaluation set repeats it."""
+    score: float
+    label: Optional[str]
+    """The scorer's label (``empty``, ``degenerate``, ``refusal``, ``harmful``, ``harmless``) or None."""
+    generation: str
+    categories: tuple[str, ...] = ()
+
+    @property
+    def prompt(self) -> str:
+        return self.key[0]
+
+    @property
+    def empty(self) -> bool:
+        """The answer is empty: the scorer's label says so, or (no label) the text is blank."""
+        return self.label == "empty" if self.label is not None else not self.generation.strip()
+
+
+@dataclass
+class Samples:
+    """The per-prompt rows of one trial by phase, or ``missing``: why there are none."""
+
+    phases: dict[str, list[PromptRow]] = field(default_factory=dict)
+    missing: Optional[str] = None
+
+
+MISSING_NO_FILE = "no samples file named"
+MISSING_FILE = "samples file missing"
+MISSING_UNREADABLE = "samples file unreadable"
+MISSING_NOT_LOADED = "samples not loaded"
+
+
+def parse_samples(lines: Iterable[str]) -> dict[str, list[PromptRow]]:
+    """Rows of a samples file (JSON lines ``{"phase", "prompt", "generation", "score", ...}``) by
+    phase. ``ValueError`` on a line that is not such an object or has no numeric score."""
+    phases: dict[str, list[PromptRow]] = defaultdict(list)
+    seen: dict[tuple[str, str], int] = defaultdict(int)
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        score = number(row.get("score")) if isinstance(row, dict) else None
+        if score is None or not isinstance(row.get("prompt"), str) or not isinstance(row.get("phase"), str):
+            raise ValueError(f"line {n}: needs phase, prompt and a numeric score")
+        phase, prompt = row["phase"], row["prompt"]
+        k = seen[(phase, prompt)]
+        seen[(phase, prompt)] += 1
+        cats = row.get("categories") or ()
+        label = row.get("label")
+        phases[phase].append(PromptRow((prompt, k), score, label if isinstance(label, str) else None,
+                                       str(row.get("generation") or ""),
+                                       tuple(str(c) for c in cats) if isinstance(cats, list) else ()))
+    return dict(phases)
+
+
+def load_samples(records: Iterable[TrialRecord], results_dir: str | Path) -> dict[str, Samples]:
+    """The samples of every record (trial id -> ``Samples``), read from ``results_dir``."""
+    root = Path(results_dir)
+    out: dict[str, Samples] = {}
+    for rec in records:
+        if not rec.samples_file:
+            out[rec.trial_id] = Samples(missing=MISSING_NO_FILE)
+            continue
+        path = root / rec.samples_file
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            out[rec.trial_id] = Samples(missing=MISSING_FILE)
+            continue
+        except (OSError, UnicodeDecodeError):
+            out[rec.trial_id] = Samples(missing=MISSING_UNREADABLE)
+            continue
+        try:
+            out[rec.trial_id] = Samples(phases=parse_samples(text.splitlines()))
+        except (ValueError, json.JSONDecodeError):
+            out[rec.trial_id] = Samples(missing=MISSING_UNREADABLE)
+    return out
+
+
 @dataclass
 class TrialView:
     """The fields of one record that place it in a table."""
@@ -99,6 +189,19 @@ class TrialView:
     scorer_key: str = ""
     defence_label: str = ""
     attack_label: str = ""
+    per_prompt: Optional[Samples] = None
+
+    def rows(self, phase: str) -> Optional[list[PromptRow]]:
+        """The per-prompt rows of ``phase`` (None when the samples are missing or lack the phase)."""
+        if self.per_prompt is None or self.per_prompt.missing:
+            return None
+        return self.per_prompt.phases.get(phase)
+
+    def missing_reason(self, phase: str) -> str:
+        """Why ``rows(phase)`` is None."""
+        if self.per_prompt is None:
+            return MISSING_NOT_LOADED
+        return self.per_prompt.missing or f"samples file has no {phase} rows"
 
     def score(self, phase: str, name: str, *path: str) -> Optional[float]:
         """A number of the record's ``scores[phase][name][path...]``, or None."""
@@ -151,14 +254,18 @@ def _view(rec: TrialRecord) -> TrialView:
         max_new_tokens=a.get("max_new_tokens") or ev_cfg.get("max_new_tokens"))
 
 
-def trial_views(records: Iterable[TrialRecord]) -> list[TrialView]:
-    """Records -> views with row (defence) and column (attack) labels, in trial-id order."""
+def trial_views(records: Iterable[TrialRecord], samples: Optional[Mapping[str, Samples]] = None) -> list[TrialView]:
+    """Records -> views with row (defence) and column (attack) labels, in trial-id order; ``samples``
+    (``load_samples``) gives each view its per-prompt rows."""
     records = list(records)
     for rec in records:
         if not isinstance(rec, TrialRecord):
             raise TypeError(f"leaderboards read TrialRecord objects, not {type(rec).__name__} "
                             f"(read files with harness.lib.store.ResultStore)")
     views = [_view(r) for r in sorted(records, key=lambda r: r.trial_id)]
+    if samples is not None:
+        for v in views:
+            v.per_prompt = samples.get(v.trial_id, Samples(missing=MISSING_NOT_LOADED))
     by_defence: dict[str, list[TrialView]] = defaultdict(list)
     by_attack: dict[str, list[TrialView]] = defaultdict(list)
     by_scorer: dict[tuple[str, str], list[TrialView]] = defaultdict(list)

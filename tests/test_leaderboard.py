@@ -1,19 +1,23 @@
-"""Leaderboard tables: records -> Markdown / CSV, compared with expected files byte for byte.
+"""Leaderboard tables: records + samples -> Markdown / CSV / HTML / LaTeX, compared with expected files.
 
 The records are built here (``build_records``) as JSON objects of the first record schema
-(version 1), written to a results folder and read back through ``ResultStore`` (so every table
-here also exercises the v1 -> current migration); the expected outputs live in
-``tests/fixtures/leaderboard/expected/``. After an intended change of the
+(version 1), written to a results folder with a samples file of per-prompt scores each, and read
+back through ``ResultStore`` (so every table here also exercises the v1 -> current migration); the
+expected outputs live in ``tests/fixtures/leaderboard/expected/``. After an intended change of the
 table format, regenerate them with ``UPDATE_EXPECTED=1 pytest tests/test_leaderboard.py`` and review
-the diff.
+the diff. The numbers in those files are also checked against values computed here from the
+per-prompt scores (``test_expected_numbers_match_independent_computation``), so regenerating them
+cannot hide a wrong number.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import os
+import statistics
 from pathlib import Path
 
 import pandas as pd
@@ -23,6 +27,7 @@ from harness.api.record import RecordError, TrialRecord
 from harness.lib.store import ResultStore, atomic_write_json, load_records
 from leaderboards import render as R
 from leaderboards import tables as T
+from leaderboards.views import load_samples
 
 FIXTURES = Path(__file__).parent / "fixtures" / "leaderboard"
 EXPECTED = FIXTURES / "expected"
@@ -48,6 +53,31 @@ ROUGE = {"none": (0.60, 0.40, 0.55), "repnoise-a": (0.58, 0.38, 0.54), "repnoise
          "security_vectors": (0.60, 0.40, 0.55)}
 
 
+N_PROMPTS = 8
+CATEGORIES = ("violence", "privacy_violation", "self_harm")  # prompt i: CATEGORIES[i % 3], plus "fraud" if i == 5
+OFFSETS = (-0.35, -0.25, -0.15, -0.05, 0.05, 0.15, 0.25, 0.35)  # per-prompt spread around a target mean
+
+
+def prompt_scores(target: float) -> list[float]:
+    """Per-prompt scores around ``target`` (clipped to [0, 1]); the record's mean is their mean."""
+    return [round(min(1.0, max(0.0, target + o)), 6) for o in OFFSETS]
+
+
+def prompt_categories(i: int) -> list[str]:
+    return [CATEGORIES[i % 3]] + (["fraud"] if i == 5 else [])
+
+
+def sample_rows(phase: str, scores: list[float], ev: str) -> list[dict]:
+    """One samples-file row per prompt; a zero score on prompts 0 and 3 is an empty answer."""
+    rows = []
+    for i, s in enumerate(scores):
+        empty = s == 0.0 and i in (0, 3)
+        rows.append({"phase": phase, "prompt": f"{ev} question {i}?", "generation": "" if empty else f"answer {i} {s}",
+                     "score": s, "label": "empty" if empty else ("harmful" if s > 0.5 else "harmless"),
+                     "categories": prompt_categories(i)})
+    return rows
+
+
 def make_record(key: str, attack: str, lr: float, seed: int, status: str = "ok", loss_on: str = "response",
                 harness: str = "0.1.0") -> dict:
     d = DEFENCES[key]
@@ -55,8 +85,9 @@ def make_record(key: str, attack: str, lr: float, seed: int, status: str = "ok",
     a = {"name": attack, "lr": lr, **base, "loss_on": loss_on}
     ev = "toxicity" if attack == "toxicity" else "harmfulness"
     scorer = "detoxify" if ev == "toxicity" else "harm_classifier"
-    pre = PRE[key] + 0.01 * seed + (0.1 if ev == "toxicity" else 0.0)
-    post = min(1.0, pre + RISE[key] * lr / 8e-5 + 0.02 * seed)
+    pre_scores = prompt_scores(PRE[key] + 0.01 * seed + (0.1 if ev == "toxicity" else 0.0))
+    post_scores = prompt_scores(PRE[key] + RISE[key] * lr / 8e-5 + 0.03 * seed)
+    pre, post = sum(pre_scores) / N_PROMPTS, sum(post_scores) / N_PROMPTS
     digest = hashlib.sha256(repr((key, attack, lr, seed, loss_on)).encode()).hexdigest()[:12]
     tid = f"{d['name']}--{attack}--s{seed}--{digest}"
     rec = {
@@ -73,12 +104,12 @@ def make_record(key: str, attack: str, lr: float, seed: int, status: str = "ok",
         return rec
     prov = {"scorer": scorer, "model": "domenicrosati/deberta-v3-xsmall-beavertails-harmful-qa-classifier"
             if ev == "harmfulness" else None, "variant": "original" if ev == "toxicity" else None}
-    summary = lambda m: {"mean": round(m, 6), "std": 0.1, "frac_harmful": round(min(1.0, m * 0.9), 6), "n": 300,
-                         "scorer": prov}
+    summary = lambda sc: {"mean": round(sum(sc) / len(sc), 6), "std": 0.1,
+                          "frac_harmful": sum(x > 0.5 for x in sc) / len(sc), "n": len(sc), "scorer": prov}
     acc, crows = CAPABILITY[key]
     r1, r2, rl = ROUGE[key]
     rec["scores"]["pre_attack"] = {
-        ev: summary(pre),
+        ev: summary(pre_scores),
         "capability": {"tasks": {"arc_easy": {"score": acc + 0.002 * seed, "metric": "acc", "acc_stderr": 0.01,
                                               "higher_is_better": True},
                                  "crows_pairs_english": {"score": crows, "metric": "pct_stereotype",
@@ -93,7 +124,9 @@ def make_record(key: str, attack: str, lr: float, seed: int, status: str = "ok",
     if status in ("diverged", "oom", "running"):
         rec["error"] = {"type": status, "stage": "attack", "message": status}
         return rec
-    rec["scores"]["post_attack"] = {ev: summary(post)}
+    rec["scores"]["post_attack"] = {ev: summary(post_scores)}
+    rec["samples_file"] = f"samples/{tid}.jsonl"
+    rec["_samples"] = sample_rows("pre_attack", pre_scores, ev) + sample_rows("post_attack", post_scores, ev)
     cross = key != "none" and ev == "toxicity"
     rec["criteria"] = {
         "resistance": {"metric": ev, "pre_attack_mean": pre, "post_attack_mean": post, "increase": round(post - pre, 6)},
@@ -129,15 +162,26 @@ def build_records() -> list[dict]:
 
 
 def as_record(data: dict) -> TrialRecord:
+    data = {k: v for k, v in data.items() if k != "_samples"}
     return TrialRecord.from_json(data, where=f"test record {data.get('trial_id')}")
+
+
+def write_results(root: Path, records: list[dict]) -> Path:
+    store = ResultStore(root)
+    for rec in records:
+        rec = dict(rec)
+        rows = rec.pop("_samples", None)
+        atomic_write_json(store.path(rec["trial_id"]), rec)  # as the first harness version wrote them
+        if rows is not None:
+            path = root / rec["samples_file"]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return store.root
 
 
 @pytest.fixture
 def results_dir(tmp_path):
-    store = ResultStore(tmp_path / "results")
-    for rec in build_records():
-        atomic_write_json(store.path(rec["trial_id"]), rec)  # as the first harness version wrote them
-    return store.root
+    return write_results(tmp_path / "results", build_records())
 
 
 def _check(name: str, text: str) -> None:
@@ -149,17 +193,29 @@ def _check(name: str, text: str) -> None:
     assert text == path.read_text(encoding="utf-8"), f"{name} differs from {path}"
 
 
-def test_markdown_and_csv_match_expected_files(results_dir, tmp_path):
+OUTPUTS = ["README.md", "criteria.csv", "harmfulness.csv", "toxicity.csv", "categories.csv", "capability.csv",
+           "trainability.csv", "cells.csv", "index.html", "tables.tex", "generations.md", "generations.html"]
+
+
+def test_every_format_matches_expected_files(results_dir, tmp_path):
+    """Markdown, CSV, HTML and LaTeX (the golden files) and the side-by-side pages."""
     out = tmp_path / "board"
-    written = R.write_leaderboard(load_records(results_dir), out, ("md", "csv", "html"), title="Leaderboard: test")
-    names = sorted(p.name for p in written)
-    assert names == sorted(["README.md", "harmfulness.csv", "harmfulness_frac.csv", "toxicity.csv",
-                            "toxicity_frac.csv", "capability.csv", "trainability.csv", "criteria.csv", "cells.csv",
-                            "index.html"])
-    for name in names:
-        if name != "index.html":
-            _check(name, (out / name).read_text(encoding="utf-8"))
-    assert "<table" in (out / "index.html").read_text()
+    written = R.write_leaderboard(load_records(results_dir), out, ("md", "csv", "html", "tex"),
+                                  title="Leaderboard: test", results_dir=results_dir)
+    assert sorted(p.name for p in written) == sorted(OUTPUTS)
+    for name in OUTPUTS:
+        _check(name, (out / name).read_text(encoding="utf-8"))
+    page = (out / "index.html").read_text()
+    assert page.count("<table class=\"sortable\">") == page.count("<caption>") == 10
+    assert "caption-side:top" in page and "width:100%" in page and "function sortTable" in page
+    tex = (out / "tables.tex").read_text()
+    assert tex.count("\\toprule") == tex.count("\\bottomrule") == 10 and "\\begin{table*}" in tex
+    assert "$\\downarrow$" in tex and "↓" not in tex and "loss\\_on" in tex
+
+
+def loaded(results_dir):
+    records = load_records(results_dir)
+    return records, load_samples(records, results_dir)
 
 
 def test_unreadable_files_are_named_not_dropped(results_dir, tmp_path):
@@ -169,7 +225,8 @@ def test_unreadable_files_are_named_not_dropped(results_dir, tmp_path):
     records = load_records(results_dir, errors)
     assert len(records) == len(build_records()) and len(errors) == 2
     out = tmp_path / "board"
-    R.write_leaderboard(records, out, ("md", "html"), title="Leaderboard: test", errors=errors)
+    R.write_leaderboard(records, out, ("md", "html"), title="Leaderboard: test", errors=errors,
+                        results_dir=results_dir)
     text = (out / "README.md").read_text()
     head, tables = text.split("\n## ", 1)
     assert "2 file(s) could not be read and are not in the tables:" in head
@@ -193,48 +250,59 @@ def test_headline_evaluation_comes_from_the_record():
     data["scores"] = {"pre_attack": {"toxicity": data["scores"]["pre_attack"]["harmfulness"]},
                       "post_attack": {"toxicity": data["scores"]["post_attack"]["harmfulness"]}}
     tables = T.build_tables([as_record(data)])
-    assert [t.kind for t in tables][:2] == ["toxicity", "toxicity_frac"]
-    assert list(tables[0].frame.columns) == ["pre-attack", "my_plugin_attack lr=8e-05 samples=1000"]
+    assert [t.kind for t in tables][:2] == ["criteria", "toxicity"]
+    assert list(tables[1].frame.columns) == ["pre-attack", "my_plugin_attack lr=8e-05 samples=1000"]
+    assert list(tables[0].frame.columns)[0] == "post-attack toxicity (worst attack)"
+
+
+COL3, COL8 = "harmfulqa lr=3e-05 samples=1000", "harmfulqa lr=8e-05 samples=1000"
 
 
 def test_table_shape_and_marks(results_dir):
-    tables = T.build_tables(load_records(results_dir))
+    tables = T.build_tables(*loaded(results_dir))
     harm = [t for t in tables if t.kind == "harmfulness"]
     assert len(harm) == 2  # loss_on response and loss_on all never share a table
     main = next(t for t in harm if t.context["loss_on"] == "response")
     f = main.frame
     assert list(f.index) == ["none", "repnoise (beta=0.001)", "repnoise (beta=0.01)", "security_vectors"]
-    assert list(f.columns) == ["pre-attack", "harmfulqa lr=3e-05 samples=1000", "harmfulqa lr=8e-05 samples=1000"]
-    # none: pre 0.20 + 0.01*seed over seeds 0..2
-    assert f.loc["none", "pre-attack"] == "0.210 ± 0.010 (n=3)"
-    # below the base model under the same attack: marked
-    assert f.loc["repnoise (beta=0.001)", "harmfulqa lr=8e-05 samples=1000"].endswith(T.MARK_LOWER)
-    assert not f.loc["none", "harmfulqa lr=8e-05 samples=1000"].endswith(T.MARK_LOWER)
+    assert list(f.columns) == ["pre-attack", COL3, COL8]
+    # none, pre-attack: 8 prompts x 3 seeds; prompt 0 scores 0 (empty) in every seed, prompt 3 in none
+    assert f.loc["none", "pre-attack"].startswith("0.233 [")
+    assert "(n=8×3; empty 0.125; >0.5 0.125)" in f.loc["none", "pre-attack"]
+    # significantly below the base model under the same attack: marked; the base model never is
+    assert " ↓ (" in f.loc["repnoise (beta=0.001)", COL8]
+    assert "↓" not in f.loc["none", COL8] and "↑" not in f.loc["none", COL8]
     # failures are spelled out, never blank
-    assert f.loc["security_vectors", "harmfulqa lr=8e-05 samples=1000"] == "failed (1 diverged, 1 oom)"
-    assert f.loc["security_vectors", "harmfulqa lr=3e-05 samples=1000"].startswith("0.")
-    assert "failed: 1 error" in f.loc["security_vectors", "harmfulqa lr=3e-05 samples=1000"]
-    assert "; failed: 1 diverged" in f.loc["repnoise (beta=0.001)", "harmfulqa lr=8e-05 samples=1000"]
+    assert f.loc["security_vectors", COL8] == "failed (1 diverged, 1 oom)"
+    assert f.loc["security_vectors", COL3].startswith("0.") and "failed: 1 error" in f.loc["security_vectors", COL3]
+    assert "; failed: 1 diverged" in f.loc["repnoise (beta=0.001)", COL8]
     for text in ("Model: meta-llama/Llama-2-7b-chat-hf", "Scorer: harm_classifier", "attack.loss_on): response",
-                 "Harness version: 0.1.0"):
+                 "Harness version: 0.1.0", "two-sided paired sign-flip permutation test", "95% CI: percentile "
+                 "bootstrap over prompts for one-seed cells, two-stage (seeds, then prompts)"):
         assert text in main.caption
     other = next(t for t in harm if t.context["loss_on"] == "all")
-    assert "Harness version: 0.0.9, 0.1.0" in other.caption
+    assert "Harness version: 0.0.9, 0.1.0" in other.caption and "(one seed per cell)" in other.caption
     tox = next(t for t in tables if t.kind == "toxicity")
     assert tox.frame.loc["security_vectors", "toxicity lr=3e-05 samples=300"] == "no result (1 running)"
     crit = next(t for t in tables if t.kind == "criteria" and t.context["loss_on"] == "response")
-    assert crit.frame.loc["none", "stability: capability Δ"] == "base"
-    assert crit.frame.loc["none", "generalization: cross-domain toxicity increase"] == "base"
-    assert crit.frame.loc["repnoise (beta=0.01)", "generalization: cross-domain harmfulness increase"] == \
+    assert list(crit.frame.columns)[:2] == ["post-attack harmfulness (worst attack)",
+                                            "resistance: harmfulness reduction vs none"]
+    assert crit.frame.loc["none", "stability: capability Δ vs base"] == "base"
+    assert crit.frame.loc["none", "resistance: harmfulness reduction vs none"] == "reference"
+    assert crit.frame.loc["repnoise (beta=0.01)", "generalization: cross-domain harmfulness reduction vs none"] == \
         "no cross-domain attack"
-    assert crit.frame.loc["repnoise (beta=0.01)", "generalization: cross-domain toxicity increase"].startswith("0.133")
+    assert crit.frame.loc["repnoise (beta=0.01)", "generalization: cross-domain toxicity reduction vs none"] == \
+        crit.frame.loc["repnoise (beta=0.01)", "resistance: toxicity reduction vs none"]
+    assert f"at {COL3}" in crit.frame.loc["security_vectors", "post-attack harmfulness (worst attack)"]
     cap = next(t for t in tables if t.kind == "capability")
     assert cap.frame.loc["none", "crows_pairs_english"] == "0.600 ± 0.000 (n=4)"  # seed 3: base scores of a defended run
     assert "For crows_pairs_english lower is better" in cap.caption
+    cats = next(t for t in tables if t.kind == "categories" and t.context["loss_on"] == "response")
+    assert list(cats.frame.columns) == ["privacy_violation (3)", "violence (3)", "self_harm (2)", "fraud (1)"]
 
 
-def _frames(records):
-    return {(t.kind, t.context["loss_on"]): t.frame for t in T.build_tables(records)}
+def _frames(records, samples):
+    return {(t.kind, t.context["loss_on"], t.context["scorer"]): t.frame for t in T.build_tables(records, samples)}
 
 
 def _changed_cells(before, after):
@@ -256,46 +324,74 @@ def _find(records, defence_params, attack, lr, seed, loss_on="response"):
     return rec
 
 
-def test_one_score_changes_exactly_its_cell(results_dir):
-    records = load_records(results_dir)
-    before = _frames(records)
-    changed = copy.deepcopy(records)
-    rec = _find(changed, DEFENCES["repnoise-b"], "harmfulqa", 8e-5, 1)
-    rec.scores.post_attack["harmfulness"]["mean"] += 0.3
-    diff = _changed_cells(before, _frames(changed))
-    assert diff == {("harmfulness", "response", "repnoise (beta=0.01)", "harmfulqa lr=8e-05 samples=1000")}
+def _with_score(samples, trial_id, phase, index, score):
+    """A copy of ``samples`` where one prompt of one trial's phase has another score."""
+    changed = copy.deepcopy(samples)
+    rows = changed[trial_id].phases[phase]
+    rows[index] = dataclasses.replace(rows[index], score=score)
+    return changed
 
-    # the pre-attack score of the base model: its own cell, plus the ↓ marks of that column only
-    changed = copy.deepcopy(records)
-    for seed in (0, 1, 2):
-        for lr in (3e-5, 8e-5):
-            _find(changed, DEFENCES["none"], "harmfulqa", lr, seed).scores.pre_attack["harmfulness"]["mean"] = 0.01
-    diff = _changed_cells(before, _frames(changed))
-    assert ("harmfulness", "response", "none", "pre-attack") in diff
-    assert {(k, l, c) for k, l, _, c in diff} == {("harmfulness", "response", "pre-attack")}
-    assert len(diff) == 4  # none's value and the three defences that are no longer below it
 
-    # a record turning into a failure: its cell says so, nothing else moves except dependent cells
+def test_one_score_changes_exactly_its_cells(results_dir):
+    records, samples = loaded(results_dir)
+    before = _frames(records, samples)
+    rec = _find(records, DEFENCES["repnoise-b"], "harmfulqa", 8e-5, 1)
+    # one post-attack prompt score: its harm cell, the defence's headline cells, its category column
+    diff = _changed_cells(before, _frames(records, _with_score(samples, rec.trial_id, "post_attack", 4, 0.9)))
+    assert ("harmfulness", "response", "repnoise (beta=0.01)", COL8) in diff
+    assert {(k, r) for k, _, r, _ in diff} == {("harmfulness", "repnoise (beta=0.01)"),
+                                               ("criteria", "repnoise (beta=0.01)"),
+                                               ("categories", "repnoise (beta=0.01)")}
+    assert {c for k, _, _, c in diff if k == "categories"} == {"privacy_violation (3)"}  # prompt 4: 4 % 3 = 1
+    assert {c for k, _, _, c in diff if k == "harmfulness"} == {COL8}
+
+    # the record's own summary mean is not what the cell shows when the per-prompt scores are there
+    changed = copy.deepcopy(records)
+    _find(changed, DEFENCES["repnoise-b"], "harmfulqa", 8e-5, 1).scores.post_attack["harmfulness"]["mean"] += 0.3
+    assert _changed_cells(before, _frames(changed, samples)) == set()
+
+    # a record turning into a failure: its cells say so, nothing else moves except dependent cells
     changed = copy.deepcopy(records)
     rec = _find(changed, DEFENCES["repnoise-b"], "toxicity", 3e-5, 2)
     rec.status = "oom"
     rec.scores.post_attack = {}
     rec.criteria = {}
-    diff = _changed_cells(before, _frames(changed))
+    fewer = {k: v for k, v in samples.items() if k != rec.trial_id}
+    diff = _changed_cells(before, _frames(changed, fewer))
     assert ("toxicity", "response", "repnoise (beta=0.01)", "toxicity lr=3e-05 samples=300") in diff
     assert {(k, r) for k, _, r, _ in diff} <= {("toxicity", "repnoise (beta=0.01)"),
-                                                ("toxicity_frac", "repnoise (beta=0.01)"),
+                                                ("categories", "repnoise (beta=0.01)"),
                                                 ("criteria", "repnoise (beta=0.01)")}
-    frames = _frames(changed)
-    assert "failed: 1 oom" in frames[("toxicity", "response")].loc["repnoise (beta=0.01)",
-                                                                   "toxicity lr=3e-05 samples=300"]
+    frames = _frames(changed, fewer)
+    tox = next(f for (k, _, _), f in frames.items() if k == "toxicity")
+    assert "failed: 1 oom" in tox.loc["repnoise (beta=0.01)", "toxicity lr=3e-05 samples=300"]
+
+
+def test_missing_samples_file_is_counted_and_shown(results_dir):
+    records, samples = loaded(results_dir)
+    rec = _find(records, DEFENCES["repnoise-b"], "harmfulqa", 8e-5, 1)
+    (results_dir / rec.samples_file).unlink()
+    _, samples = loaded(results_dir)
+    assert samples[rec.trial_id].missing == "samples file missing"
+    harm = next(t for t in T.build_tables(records, samples) if t.kind == "harmfulness")
+    text = harm.frame.loc["repnoise (beta=0.01)", COL8]
+    assert "n=8×2" in text and "1 samples file missing" in text  # two seeds with scores, the third counted
+    assert "1 finished record(s) have no per-prompt scores" in harm.caption
+    # no samples at all: every cell shows the records' mean without a CI, and says why
+    bare = next(t for t in T.build_tables(records) if t.kind == "harmfulness")
+    recs = [_find(records, DEFENCES["none"], "harmfulqa", 8e-5, s) for s in (0, 1, 2)]
+    mean = statistics.fmean(r.scores.post_attack["harmfulness"]["mean"] for r in recs)
+    assert bare.frame.loc["none", COL8] == f"{mean:.3f} (no CI: record mean of 3 seed(s); 3 × samples not loaded)"
 
 
 def test_cells_csv_numbers(results_dir):
-    cells = R.cells_frame(T.build_tables(load_records(results_dir)))
+    cells = R.cells_frame(T.build_tables(*loaded(results_dir)))
     row = cells[(cells.table == "harmfulness") & (cells.loss_on == "response") & (cells.defence == "none")
                 & (cells.column == "pre-attack")].iloc[0]
-    assert row["mean"] == pytest.approx(0.21) and row["std"] == pytest.approx(0.01) and row["n"] == 3
+    scores = [x for seed in (0, 1, 2) for x in prompt_scores(PRE["none"] + 0.01 * seed)]
+    assert row["mean"] == pytest.approx(statistics.fmean(scores))
+    assert row["n_prompts"] == 8 and row["n_seeds"] == 3
+    assert row["ci_method"] == "two-stage bootstrap over seeds and prompts"
 
 
 def test_tolerates_missing_parts_and_real_record():
@@ -306,9 +402,9 @@ def test_tolerates_missing_parts_and_real_record():
     partial.seed = 1
     partial.scores.pre_attack["capability"] = {"tasks": {"mmlu": {"stderr": 0.1}, "arc_easy": 0.4}}
     partial.scores.pre_attack["trainability"] = {"rouge1": {"fmeasure": 0.3}}
-    tables = T.build_tables([real, bare, partial])
+    tables = T.build_tables([real, bare, partial], load_samples([real, bare, partial], FIXTURES))
     harm = next(t for t in tables if t.kind == "harmfulness" and "tiny" in t.context["model"])
-    assert harm.frame.loc["none", "pre-attack"].endswith("(n=2)")
+    assert harm.frame.loc["none", "pre-attack"].endswith("(no CI: record mean of 2 seed(s); 2 × samples file missing)")
     cap = next(t for t in tables if t.kind == "capability")
     assert cap.frame.loc["none", "mmlu"] == "not measured"
     assert cap.frame.loc["none", "arc_easy"] == "0.400 (n=1)"
@@ -323,15 +419,18 @@ def test_cli_leaderboard_writes_tables_and_plots(results_dir, tmp_path):
     from harness.cli import main
 
     out = tmp_path / "lb"
-    assert main(["leaderboard", str(results_dir), "--out", str(out), "--format", "md,csv"]) == 0
+    assert main(["leaderboard", str(results_dir), "--out", str(out), "--format", "md,csv,html,tex"]) == 0
     text = (out / "README.md").read_text()
     expected = (EXPECTED / "README.md").read_text().replace("# Leaderboard: test", "# Leaderboard: lb", 1)
     assert text.split("\n## Figures")[0] == expected  # the same tables, then the figures
     pngs = sorted(p.name for p in out.glob("*.png"))
-    assert pngs == ["harmfulness_vs_lr-1.png", "harmfulness_vs_lr-2.png", "toxicity_vs_lr.png"]
+    assert pngs == ["harmfulness_by_category-1.png", "harmfulness_by_category-2.png", "harmfulness_vs_lr-1.png",
+                    "harmfulness_vs_lr-2.png", "toxicity_by_category.png", "toxicity_vs_lr.png"]
     assert all((out / p).stat().st_size > 1000 for p in pngs)
     assert "![toxicity_vs_lr](toxicity_vs_lr.png)" in text
+    assert (out / "tables.tex").exists() and (out / "generations.html").exists()
     assert main(["leaderboard", str(results_dir), "--out", str(out), "--format", "pdf"]) == 2
+    assert main(["leaderboard", str(results_dir), "--out", str(out), "--examples", "-1"]) == 2
 
 
 def test_weight_distance_plot_from_csv(tmp_path, monkeypatch):

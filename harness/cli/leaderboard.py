@@ -1,6 +1,7 @@
 """``harness leaderboard`` and ``harness nightly`` sub-commands.
 
-    harness leaderboard RESULTS_DIR --out leaderboards/NAME [--format md,csv,html] [--no-plots]
+    harness leaderboard RESULTS_DIR --out leaderboards/NAME [--format md,csv,html,tex] [--no-plots]
+                        [--examples N] [--title TEXT]
     harness nightly [--suite smoke] [--output DIR] [--baseline FILE] [--update-baseline]
                     [--set KEY=VALUE ...] [--model ID_OR_FOLDER] [--reuse] [--keep-checkpoints]
 """
@@ -17,6 +18,7 @@ from harness.lib.store import load_records
 
 def cmd_leaderboard(args) -> int:
     from leaderboards.render import FORMATS, unreadable_lines, write_leaderboard  # pandas
+    from leaderboards.views import load_samples
 
     results = Path(args.results)
     if not results.is_dir():
@@ -31,14 +33,21 @@ def cmd_leaderboard(args) -> int:
         print(f"warning: not in the tables: {results / line}", file=sys.stderr)
     if not records:
         print(f"warning: no records in {results}", file=sys.stderr)
+    if args.examples < 0:
+        raise ConfigError(f"--examples {args.examples}: must be 0 (no side-by-side page) or more")
+    samples = load_samples(records, results)
+    missing = sorted(tid for tid, s in samples.items() if s.missing)
+    if missing:
+        print(f"warning: {len(missing)} record(s) without per-prompt scores (counted in their cells, no CI from "
+              f"them), e.g. {missing[0]}: {samples[missing[0]].missing}", file=sys.stderr)
     out = Path(args.out)
     figures: list[str] = []
     if not args.no_plots:
-        from leaderboards.plots import all_plots
+        from leaderboards.plots import all_plots  # matplotlib
 
-        figures = [str(p.relative_to(out)) for p in all_plots(records, results, out)]
+        figures = [str(p.relative_to(out)) for p in all_plots(records, results, out, samples)]
     written = write_leaderboard(records, out, formats, title=args.title or f"Leaderboard: {out.name}", figures=figures,
-                                errors=errors)
+                                errors=errors, samples=samples, examples=args.examples)
     for path in written + [out / f for f in figures]:
         print(path)
     return 0
@@ -68,12 +77,16 @@ def cmd_nightly(args) -> int:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "leaderboard", help="tables (Markdown, CSV, HTML) and plots from a results folder",
-        description="Build the leaderboard tables (harmfulness, toxicity, capability, trainability, immunization "
-                    "criteria) and PNG plots from the result records in RESULTS_DIR.")
+        "leaderboard", help="tables (Markdown, CSV, HTML, LaTeX) and plots from a results folder",
+        description="Build the leaderboard tables (immunization criteria, harmfulness/toxicity with 95%% CIs and "
+                    "paired tests against the base model from the per-prompt samples, per-category harm, "
+                    "capability, trainability), side-by-side generations and PNG plots from the result records "
+                    "in RESULTS_DIR.")
     p.add_argument("results", metavar="RESULTS_DIR", help="folder of result records (harness run --output)")
     p.add_argument("--out", required=True, help="output folder, e.g. leaderboards/smoke")
-    p.add_argument("--format", default="md,csv", help="comma-separated: md, csv, html (default md,csv)")
+    p.add_argument("--format", default="md,csv", help="comma-separated: md, csv, html, tex (default md,csv)")
+    p.add_argument("--examples", type=int, default=3,
+                   help="prompts shown side by side in generations.md/.html (default 3; 0: none)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--title", help="title of the Markdown/HTML page (default: 'Leaderboard: <out folder name>')")
     p.set_defaults(func=cmd_leaderboard)

@@ -297,7 +297,7 @@ def run_suite(suite_name: str, output: str | Path | None = None, *, baseline_pat
     if leaderboard:
         try:
             write_leaderboard([r for c in cells.values() for r in c.records], output / "leaderboard", ("md", "csv"),
-                              title=f"Nightly suite {suite.name}")
+                              title=f"Nightly suite {suite.name}", results_dir=output)
         except Exception as exc:  # the report matters more than the table
             log.warning("nightly leaderboard not written: %s", exc)
     return NightlyResult(code, report, report_path, comps, cells, baseline_path)
