@@ -77,7 +77,8 @@ def run_mode(args, isolate: str, tiny: Path, work: Path) -> dict:
     import ray
 
     from harness.sweep.runner import SweepRunner, connect
-    from harness.sweep.grid import SweepSpec, build
+    from harness.sweep.dag import build
+    from harness.sweep.grid import SweepSpec
 
     # a fresh cache: the data stage really generates the missing texts (workers inherit it from Ray)
     os.environ["HARNESS_CACHE"] = str(work / f"cache-{isolate}-{int(time.time())}")

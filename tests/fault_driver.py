@@ -29,6 +29,7 @@ Instrumented points (``--fault POINT:K`` kills the process just before/after the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -76,8 +77,7 @@ class RefusalSFT(Defence):
         def loss_fn(m, b):
             return m(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels).loss
 
-        stats = training.train_loop(model, tensors, self.config, ctx, loss_fn=loss_fn, desc="defence test")
-        ctx.stats["train"] = stats.summary()
+        training.train_loop(model, tensors, self.config, ctx, loss_fn=loss_fn, desc="defence test")
         return model
 
 
@@ -124,22 +124,18 @@ class Faults:
         from transformers.generation.utils import GenerationMixin
 
         import harness.lib.checkpoints as checkpoints
-        import harness.pipeline.trial as trial
-        from harness.api.registry import ATTACKS
+        from harness.pipeline import stages
 
         faults = self
 
-        def staged(fn, name):
-            def wrapper(*args, **kwargs):
-                faults.stage = name(args, kwargs) if callable(name) else name
-                return fn(*args, **kwargs)
-            return wrapper
+        def staged(stage):
+            def run(t):
+                faults.stage = stage.name
+                return stage.run(t)
+            return dataclasses.replace(stage, run=run)
 
-        trial.prepare_data = staged(trial.prepare_data, "data")
-        trial.defend = staged(trial.defend, "defence")
-        trial.evaluate_model = staged(trial.evaluate_model, lambda a, k: a[4].stage)
-        attack_cls = ATTACKS.get("harmfulqa")
-        attack_cls.run = staged(attack_cls.run, "attack")
+        # every event is attributed to the trial stage running when it happens
+        stages.STAGES = tuple(staged(s) for s in stages.STAGES)
 
         from torch.optim.optimizer import register_optimizer_step_pre_hook
 
@@ -260,7 +256,8 @@ def resume_one(d: Path, model: str, opened: list[str]) -> dict:
     opened.clear()
     rec = run_trial(spec, results, progress=False)
     seen = sorted({os.path.abspath(p) for p in opened} & {os.path.abspath(p) for p in bad})
-    out = {"untrusted": bad, "opened_untrusted": seen, "ck_complete_before": complete_before, "record": rec}
+    out = {"untrusted": bad, "opened_untrusted": seen, "ck_complete_before": complete_before,
+           "record": rec.to_json(), "skipped": rec.skipped}
     (d / "resume.json").write_text(json.dumps(out))
     return out
 
@@ -362,7 +359,7 @@ def cmd_campaign(args) -> int:
 def cmd_run(args) -> int:
     setup_process()
     rec = run_one(Path(args.dir), args.model, args.fault)
-    print(json.dumps({"status": rec["status"], "trial_id": rec["trial_id"]}))
+    print(json.dumps({"status": rec.status, "trial_id": rec.trial_id}))
     return 0
 
 

@@ -171,8 +171,7 @@ class RefusalSFTDefence(Defence):
         def loss_fn(m, b):
             return m(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels).loss
 
-        stats = training.train_loop(model, tensors, self.config, ctx, loss_fn=loss_fn, desc="defence sft")
-        ctx.stats["train"] = stats.summary()
+        training.train_loop(model, tensors, self.config, ctx, loss_fn=loss_fn, desc="defence sft")
         return model
 
 

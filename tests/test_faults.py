@@ -61,7 +61,8 @@ def check_chain(folder: Path, clean: dict) -> dict:
     where = f"{folder.name} killed at {faults}"
     assert chain["resume"] == {"signal": None, "exit": 0}, where
     finished_before = chain["kills"][-1]["signal"] is None  # the last run was not killed after all
-    assert rec["status"] == "ok" and bool(rec.get("skipped")) == finished_before, (where, rec.get("error"))
+    assert rec["status"] == "ok" and res["skipped"] == finished_before, (where, rec.get("error"))
+    assert "skipped" not in rec
     assert comparable(rec) == comparable(clean), where
     # nothing the killed run left half-done was read
     assert res["opened_untrusted"] == [], (where, res["opened_untrusted"])
@@ -178,12 +179,12 @@ def test_non_finite_loss_is_diverged_with_step(cell, tmp_path, monkeypatch, at, 
     _patch_training_forward(monkeypatch, at, poison)
     spec = cell()
     rec = run_trial(spec, tmp_path / "results", progress=False)
-    assert rec["status"] == "diverged"
-    assert rec["error"]["stage"] == stage and rec["error"]["step"] == step
-    assert rec["error"]["type"] == "DivergedError" and str(value) in rec["error"]["loss"]
-    assert "post_attack" not in rec["scores"]
+    assert rec.status == "diverged"
+    assert rec.error.stage == stage and rec.error.step == step
+    assert rec.error.type == "DivergedError" and str(value) in rec.error.loss
+    assert rec.scores.post_attack == {}
     saved = ResultStore(tmp_path / "results").load(spec.trial_id)
-    assert saved["status"] == "diverged" and saved["error"]["step"] == step
+    assert saved.status == "diverged" and saved.error.step == step
     ck = tmp_path / "results" / "checkpoints" / spec.defence_key()
     if stage == "defence":  # a diverged defence saves nothing that a later run could reuse
         assert not ck.exists() and not list(ck.parent.glob("*.partial-*"))
@@ -214,12 +215,12 @@ def test_out_of_memory_is_recorded_with_batch_size(cell, tmp_path, monkeypatch, 
         monkeypatch.setattr(GenerationMixin, "generate", generate)
     spec = cell()
     rec = run_trial(spec, tmp_path / "results", progress=False)
-    assert rec["status"] == "oom", rec["error"]
-    assert rec["error"]["type"] == "OutOfMemory" and rec["error"]["stage"] == stage
-    assert rec["error"]["batch_size"] == batch
-    assert "Tried to allocate 20.00 GiB" in rec["error"]["message"]
+    assert rec.status == "oom", rec.error
+    assert rec.error.type == "OutOfMemory" and rec.error.stage == stage
+    assert rec.error.batch_size == batch
+    assert "Tried to allocate 20.00 GiB" in rec.error.message
     store = ResultStore(tmp_path / "results")
-    assert store.load(spec.trial_id)["status"] == "oom"
+    assert store.load(spec.trial_id).status == "oom"
     assert not store.is_finished(spec.trial_id)  # an OOM is retried by the next run
 
 
@@ -260,26 +261,26 @@ def test_disk_full_while_saving_checkpoint(cell, tmp_path, monkeypatch):
     monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", save_pretrained)
     spec = cell()
     rec = run_trial(spec, tmp_path / "results", progress=False)  # returns: the caller is not crashed
-    assert rec["status"] == "error" and rec["error"]["stage"] == "defence"
-    assert rec["error"]["errno"] == "ENOSPC" and "No space left" in rec["error"]["message"]
+    assert rec.status == "error" and rec.error.stage == "defence"
+    assert rec.error.errno == "ENOSPC" and "No space left" in rec.error.message
     ck_root = tmp_path / "results" / "checkpoints"
     assert not list(ck_root.glob("*.partial-*")), "the partial copy is removed to free the space"
     assert not (ck_root / spec.defence_key()).exists()
-    assert ResultStore(tmp_path / "results").load(spec.trial_id)["status"] == "error"
+    assert ResultStore(tmp_path / "results").load(spec.trial_id).status == "error"
     # space is back: the next run redoes the trial
     monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", orig)
     again = run_trial(spec, tmp_path / "results", progress=False)
-    assert again["status"] == "ok" and again["defence_checkpoint"]["reused"] is False
+    assert again.status == "ok" and again.defence_checkpoint.reused is False
 
 
 def test_disk_full_while_writing_samples(cell, tmp_path, monkeypatch):
     _enospc_fsync(monkeypatch, lambda path: "/samples/" in path)
     spec = cell()
     rec = run_trial(spec, tmp_path / "results", progress=False)
-    assert rec["status"] == "error" and rec["error"]["stage"] == "post_attack"
-    assert rec["error"]["errno"] == "ENOSPC"
+    assert rec.status == "error" and rec.error.stage == "post_attack"
+    assert rec.error.errno == "ENOSPC"
     saved = ResultStore(tmp_path / "results").load(spec.trial_id)
-    assert saved["status"] == "error"
+    assert saved.status == "error"
     assert not list((tmp_path / "results").rglob("*.tmp"))
 
 
@@ -293,26 +294,26 @@ def test_disk_full_while_writing_the_record_fails_the_trial_not_the_sweep(cell, 
     out = tmp_path / "results"
     results = [run_trial(spec, out, progress=False) for spec in (spec_a, spec_b)]  # a sweep loop
     a, b = results
-    assert a["status"] == "error" and a["error"]["errno"] == "ENOSPC"
-    assert a["error"]["during"] == "writing the result record"
-    assert b["status"] == "ok"
+    assert a.status == "error" and a.error.errno == "ENOSPC"
+    assert a.error.during == "writing the result record"
+    assert b.status == "ok"
     store = ResultStore(out)
-    assert store.load(spec_a.trial_id)["status"] == "running" and not store.is_finished(spec_a.trial_id)
+    assert store.load(spec_a.trial_id).status == "running" and not store.is_finished(spec_a.trial_id)
     assert not list(out.rglob("*.tmp"))
     monkeypatch.undo()
     fault_driver.register(monkeypatch)
     monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
-    assert run_trial(spec_a, out, progress=False)["status"] == "ok"
+    assert run_trial(spec_a, out, progress=False).status == "ok"
 
 
 def test_disk_full_before_anything_runs(cell, tmp_path, monkeypatch):
-    import harness.pipeline.trial
+    import harness.pipeline.state
 
     spec = cell()
     _enospc_fsync(monkeypatch, _tmp_of(f"{spec.trial_id}.json"))
-    monkeypatch.setattr(harness.pipeline.trial, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(harness.pipeline.state, "load_model", lambda *a, **k: pytest.fail("model loaded"))
     rec = run_trial(spec, tmp_path / "results", progress=False)
-    assert rec["status"] == "error" and rec["error"]["stage"] == "setup" and rec["error"]["errno"] == "ENOSPC"
+    assert rec.status == "error" and rec.error.stage == "setup" and rec.error.errno == "ENOSPC"
     assert not (tmp_path / "results" / f"{spec.trial_id}.json").exists()
 
 
@@ -324,5 +325,5 @@ def test_incomplete_checkpoint_is_not_trusted(cell, tmp_path):
     (ck / "config.json").write_text("{not json")
     (ck / "model.safetensors").write_bytes(b"garbage")
     rec = run_trial(spec, tmp_path / "results", progress=False)
-    assert rec["status"] == "ok" and rec["defence_checkpoint"]["reused"] is False
+    assert rec.status == "ok" and rec.defence_checkpoint.reused is False
     assert (ck / ".complete").exists() and json.loads((ck / "config.json").read_text())

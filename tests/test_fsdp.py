@@ -67,20 +67,18 @@ def test_fsdp_defence_on_two_gloo_workers_matches_one_process(defence, tiny_dir,
     fsdp = AutoModelForCausalLM.from_pretrained(folder)
 
     # the same defence in one process: whole batches of 4 (SFT) or the same half batches (RepNoise)
-    from harness.lib.context import StageContext, seed_everything
-    from harness.lib.models import load_model, resolve_source
-    from harness.pipeline.trial import Components, prepare_data
+    from harness.lib.context import seed_everything
+    from harness.pipeline.stages import run_stages
+    from harness.pipeline.state import TrialPaths, open_trial
 
-    comp = Components.build(spec)
+    t = open_trial(spec, TrialPaths.of(tmp_path / "single"), progress=False, device=torch.device("cpu"))
     if same_rows:
-        comp.defence.config = comp.defence.config.model_copy(update={"batch_size": batch // 2})
-    source = resolve_source(spec.model)
-    model, tok, source = load_model(spec.model, source, torch.device("cpu"), torch.float32)
-    parts, _ = prepare_data(comp, model, tok, source, False)
+        t.comp.defence.config = t.comp.defence.config.model_copy(update={"batch_size": batch // 2})
+    run_stages(t, "data")
+    model, tok = t.base_model()
     base = {k: v.clone() for k, v in model.state_dict().items()}
     seed_everything(spec.seed)
-    ctx = StageContext("defence", seed=spec.seed, spec=spec, progress=False)
-    single = comp.defence.apply(model, tok, parts["defence"], ctx.child("defence"))
+    single = t.comp.defence.apply(model, tok, t.parts["defence"], t.ctx.child("defence"))
     moved = diff = 0.0
     for name, w in single.state_dict().items():
         moved += float((w - base[name]).pow(2).sum())
@@ -99,7 +97,8 @@ def test_fsdp_stages_of_a_sweep_under_ray_train(tiny_dir, tmp_path, tmp_path_fac
     from harness.lib.checkpoints import read_marker
     from harness.sweep.runner import SweepRunner
     from harness.lib.store import ResultStore
-    from harness.sweep.grid import build, load_sweep_spec
+    from harness.sweep.dag import build
+    from harness.sweep.grid import load_sweep_spec
 
     sweep_support.start_ray(tmp_path_factory.mktemp("ray-session"))
     spec, preset, _ = load_sweep_spec(str(FIXTURES / "tiny_fsdp.yaml"))
@@ -108,7 +107,7 @@ def test_fsdp_stages_of_a_sweep_under_ray_train(tiny_dir, tmp_path, tmp_path_fac
     summary = SweepRunner(sweep, progress=False).run()
     assert summary["records"] == {"ok": 1}, summary
     rec = ResultStore(sweep.output).load(sweep.cells[0].trial_id)
-    assert rec["train"]["attack"]["fsdp"]["workers"] == 2
-    assert rec["defence_checkpoint"]["reused"] is True
-    assert read_marker(Path(rec["defence_checkpoint"]["path"]))["train"]["fsdp"]["workers"] == 2
+    assert rec.train["attack"].fsdp["workers"] == 2
+    assert rec.defence_checkpoint.reused is True
+    assert read_marker(Path(rec.defence_checkpoint.path))["train"]["fsdp"]["workers"] == 2
     assert not (sweep.storage / "attacked" / sweep.cells[0].trial_id).exists()  # removed once scored

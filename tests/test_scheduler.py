@@ -20,7 +20,8 @@ import yaml
 import sweep_support
 from sweep_support import count
 from harness.lib.store import ResultStore
-from harness.sweep.grid import build, copy_spec, load_sweep_spec
+from harness.sweep.dag import build
+from harness.sweep.grid import copy_spec, load_sweep_spec
 
 FIXTURES = Path(__file__).parent / "fixtures" / "sweeps"
 HARNESS = Path(sys.executable).parent / "harness"
@@ -75,14 +76,14 @@ def test_sweep_2x3_trains_each_defence_once(ray_cluster, tiny_dir, tmp_path, cap
     assert count("main-a", "attempts") == 1 and count("main-b", "attempts") == 1
     store = ResultStore(out)
     recs = [store.load(c.trial_id) for c in sweep.cells]
-    assert all(r["status"] == "ok" for r in recs)
+    assert all(r.status == "ok" for r in recs)
     for rec in recs:  # every cell loaded the shared checkpoint; none trained it
-        assert rec["defence_checkpoint"]["reused"] is True
-        assert rec["defence_checkpoint"]["path"].startswith(str(out / "checkpoints"))
+        assert rec.defence_checkpoint.reused is True
+        assert rec.defence_checkpoint.path.startswith(str(out / "checkpoints"))
     # pre-attack scores computed once per defended model and shared by its cells
     by_defence = {}
     for rec in recs:
-        by_defence.setdefault(rec["defence_checkpoint"]["key"], []).append(json.dumps(rec["scores"]["pre_attack"]))
+        by_defence.setdefault(rec.defence_checkpoint.key, []).append(json.dumps(rec.scores.pre_attack))
     assert len(by_defence) == 2 and all(len(set(v)) == 1 and len(v) == 3 for v in by_defence.values())
     # stages really ran side by side on the 2 (fake) GPUs
     state = read_state(out)
@@ -130,13 +131,13 @@ def test_failing_stages_are_retried_then_recorded(ray_cluster, tiny_dir, tmp_pat
     store = ResultStore(out)
     recs = {c.labels["defence"]: store.load(c.trial_id) for c in sweep.cells}
     broken = recs["sweep_counting[fail=always,tag=f-broken]"]
-    assert broken["status"] == "error"
-    assert broken["error"]["stage"] == "defence" and broken["error"]["attempts"] == 2
-    assert "injected failure on attempt 2" in broken["error"]["message"]
-    assert "Traceback" in broken["error"]["traceback"] and "RuntimeError" in broken["error"]["traceback"]
+    assert broken.status == "error"
+    assert broken.error.stage == "defence" and broken.error.attempts == 2
+    assert "injected failure on attempt 2" in broken.error.message
+    assert "Traceback" in broken.error.traceback and "RuntimeError" in broken.error.traceback
     attack = recs["sweep_counting[fail_attack=True,tag=f-attack]"]
-    assert attack["status"] == "error" and attack["error"]["stage"] == "attack"
-    assert attack["error"]["attempts"] == 2 and "injected attack failure" in attack["error"]["traceback"]
+    assert attack.status == "error" and attack.error.stage == "attack"
+    assert attack.error.attempts == 2 and "injected attack failure" in attack.error.traceback
     state = read_state(out)
     by_label = {s["label"]: s for s in state["stages"].values()}
     failed = [s for s in state["stages"].values() if s["status"] == "failed"]
@@ -159,9 +160,9 @@ def test_api_scorer_scores_in_one_cpu_actor(ray_cluster, tiny_dir, tmp_path):
     store = ResultStore(out)
     for cell in sweep.cells:
         rec = store.load(cell.trial_id)
-        post = rec["scores"]["post_attack"]["harmfulness"]
+        post = rec.scores.post_attack["harmfulness"]
         assert post["mean"] == 0.5 and post["scorer"] == {"scorer": sweep_support.API_NAME, "requests": 4}
-        assert rec["scores"]["pre_attack"]["harmfulness"]["mean"] == 0.5
+        assert rec.scores.pre_attack["harmfulness"]["mean"] == 0.5
     scorer_pids = set(pids_file.read_text().split())
     stage_pids = {str(h["pid"]) for s in read_state(out)["stages"].values() for h in s.get("history", [])}
     assert len(scorer_pids) == 1 and not scorer_pids & stage_pids  # 3 scoring calls, one actor, not a stage
@@ -189,7 +190,7 @@ def test_killed_driver_resumes_without_repeating_finished_cells(ray_cluster, tin
     deadline = time.time() + 180
     try:
         while time.time() < deadline:
-            if any(r.get("status") == "ok" for r in store.records()):
+            if any(r.status == "ok" for r in store.records()):
                 break
             assert proc.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
             time.sleep(0.1)
@@ -203,8 +204,8 @@ def test_killed_driver_resumes_without_repeating_finished_cells(ray_cluster, tin
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     log.close()
-    finished = {r["trial_id"]: (store.path(r["trial_id"]).read_bytes(), store.path(r["trial_id"]).stat().st_mtime_ns)
-                for r in store.records() if r.get("status") == "ok"}
+    finished = {r.trial_id: (store.path(r.trial_id).read_bytes(), store.path(r.trial_id).stat().st_mtime_ns)
+                for r in store.records() if r.status == "ok"}
     assert 1 <= len(finished) < 6
     from harness.sweep.status import collect
 

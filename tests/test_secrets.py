@@ -133,11 +133,12 @@ def test_exception_carrying_the_key_is_redacted_in_record_logs_and_cli(tiny_dir,
         raise RuntimeError(f"GET https://api.example/v1/score?alt=json&key={KEY} failed; token {KEY}")
 
     monkeypatch.setattr(KeywordRefusal, "score", leaky)
+    monkeypatch.setattr(KeywordRefusal, "score_details", leaky)  # what the evaluation calls
     caplog.set_level(logging.DEBUG)
     spec = resolve("smoke", model=str(tiny_dir), sets=fault_driver.FAST)
     rec = run_trial(spec, tmp_path / "results", progress=False)
-    assert rec["status"] == "error" and "[REDACTED]" in rec["error"]["message"]
-    assert KEY not in json.dumps(rec)
+    assert rec.status == "error" and "[REDACTED]" in rec.error.message
+    assert KEY not in json.dumps(rec.to_json())
     assert files_containing(tmp_path, KEY) == []
     assert not [r for r in caplog.records if KEY in r.getMessage()]
     # the CLI: summary and error lines
@@ -251,14 +252,14 @@ def test_defended_checkpoints_are_safetensors(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
     fault_driver.register(monkeypatch)
     spec = resolve("smoke", defence=TD, model=str(tiny_dir), sets=fault_driver.FAULT_SETS)
-    assert run_trial(spec, tmp_path / "r", progress=False)["status"] == "ok"
+    assert run_trial(spec, tmp_path / "r", progress=False).status == "ok"
     ck = tmp_path / "r" / "checkpoints" / spec.defence_key()
     names = {p.name for p in ck.iterdir()}
     assert ".complete" in names and any(n.endswith(".safetensors") for n in names)
     assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt"))]
     # the reused checkpoint loads again (safetensors path) and gives the same scores
     again = run_trial(spec, tmp_path / "r", progress=False, force=True)
-    assert again["defence_checkpoint"]["reused"] is True
+    assert again.defence_checkpoint.reused is True
 
 
 # ---- generated text stays out of logs -----------------------------------------------------------------
@@ -272,9 +273,9 @@ def test_generated_text_is_not_logged_at_info(tiny_dir, tmp_path, monkeypatch, c
     spec = resolve("smoke", defence=TD, model=str(tiny_dir),
                    sets=fault_driver.FAULT_SETS + ["eval.max_new_tokens=16", "synth.max_new_tokens=16"])
     rec = run_trial(spec, tmp_path / "results", progress=False)
-    assert rec["status"] == "ok"
+    assert rec.status == "ok"
     out = tmp_path / "results"
-    texts = [json.loads(line)["generation"] for line in (out / rec["samples_file"]).read_text().splitlines()]
+    texts = [json.loads(line)["generation"] for line in (out / rec.samples_file).read_text().splitlines()]
     for path in (tmp_path / "cache" / "generated").rglob("*.json"):  # synthesised harmful answers/refusals
         texts += list(json.loads(path.read_text()).values())
     texts = [t.strip() for t in texts if len(t.strip()) >= 12]

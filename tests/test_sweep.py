@@ -9,9 +9,10 @@ import pytest
 
 import sweep_support  # noqa: F401 - registers the test defences
 from harness.api.errors import ConfigError
-from harness.lib.store import SCHEMA_VERSION, atomic_write_json
-from harness.sweep.grid import (SweepSpec, attacked_folder, build, copy_spec, expand, format_value, load_sweep_spec,
-                           marker_path, simulate)
+from harness.api.record import SCHEMA_VERSION
+from harness.lib.store import atomic_write_json
+from harness.sweep.dag import attacked_folder, build, marker_path, simulate
+from harness.sweep.grid import SweepSpec, copy_spec, expand, format_value, load_sweep_spec
 
 FIXTURES = Path(__file__).parent / "fixtures" / "sweeps"
 
@@ -77,8 +78,10 @@ def test_bad_sweeps_fail_early(tiny_dir, tmp_path):
         expand(spec, "smoke", models=[str(tiny_dir)])
     with pytest.raises(ConfigError, match="cannot be imported"):
         expand(SweepSpec(plugins=["no_such_plugin_module"]), "smoke")
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("model: {id: smollm2-135m-instruct}\n")
     with pytest.raises(ConfigError, match="no 'sweep:' section"):
-        load_sweep_spec(None, "smoke")
+        load_sweep_spec(None, str(plain))
     with pytest.raises(ConfigError, match="empty"):
         expand(SweepSpec(exclude=[{}], set=sweep_support.FAST_SETS), "smoke", models=[str(tiny_dir)])
 
@@ -166,14 +169,15 @@ def test_scan_resumes_from_disk(tiny_dir, tmp_path):
     assert pre.id not in todo
     # finished records: their cells and everything only they need drop out
     for tid in defence.cells:
-        atomic_write_json(tmp_path / f"{tid}.json", {"trial_id": tid, "status": "ok", "schema_version": SCHEMA_VERSION})
+        atomic_write_json(tmp_path / f"{tid}.json", {"trial_id": tid, "status": "ok", "schema_version": SCHEMA_VERSION,
+                                                     "config": {}})
     finished, todo = sweep.scan()
     assert finished == set(defence.cells)
     assert not any(st.id in todo for st in sweep.stages.values() if set(st.cells) <= finished)
     assert len([s for s in todo if s.startswith("cell:")]) == 3
     # error / running records are retried
     atomic_write_json(tmp_path / f"{defence.cells[0]}.json",
-                      {"trial_id": defence.cells[0], "status": "error", "schema_version": SCHEMA_VERSION})
+                      {"trial_id": defence.cells[0], "status": "error", "schema_version": SCHEMA_VERSION, "config": {}})
     finished, todo = sweep.scan()
     assert f"cell:{defence.cells[0]}" in todo
     assert attacked_folder(sweep.storage, "t") == sweep.storage / "attacked" / "t"

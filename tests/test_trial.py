@@ -4,6 +4,7 @@ import pytest
 
 from harness.cli import main
 from harness.api.config import resolve
+from harness.api.record import SCHEMA_VERSION
 from harness.pipeline.trial import run_trial
 
 FAST = ["eval.toxicity_scorer.name=keyword_refusal", "eval.samples=6", "eval.max_new_tokens=6",
@@ -20,9 +21,10 @@ def test_full_cell_writes_record_and_resumes(tiny_dir, tmp_path, isolated_cache,
     spec = resolve("smoke", model=str(tiny_dir), sets=FAST)
     out = tmp_path / "results"
     rec = run_trial(spec, out, progress=False)
-    assert rec["status"] == "ok", rec["error"]
+    assert rec.status == "ok", rec.error
     saved = json.loads((out / f"{spec.trial_id}.json").read_text())
-    assert saved["trial_id"] == spec.trial_id and saved["schema_version"] == 1
+    assert saved["trial_id"] == spec.trial_id and saved["schema_version"] == SCHEMA_VERSION
+    assert "skipped" not in saved and saved == rec.to_json()
     assert saved["config"] == spec.canonical()
     assert saved["model"]["source"] == "local" and saved["model"]["parameters"] > 0
     for phase in ("pre_attack", "post_attack"):
@@ -40,11 +42,12 @@ def test_full_cell_writes_record_and_resumes(tiny_dir, tmp_path, isolated_cache,
 
     # second run: skipped, nothing recomputed
     again = run_trial(spec, out, progress=False)
-    assert again.get("skipped") and again["finished_at"] == saved["finished_at"]
+    assert again.skipped and again.finished_at == saved["finished_at"]
+    assert "skipped" not in json.loads((out / f"{spec.trial_id}.json").read_text())
     # --force reruns, and the synthesized data now comes from the cache
     forced = run_trial(spec, out, progress=False, force=True)
-    assert not forced.get("skipped") and forced["data"]["synthesized"][0]["cached"] == 8
-    assert forced["scores"] == saved["scores"]  # same seed, same data: same scores
+    assert not forced.skipped and forced.data["synthesized"][0]["cached"] == 8
+    assert forced.to_json()["scores"] == saved["scores"]  # same seed, same data: same scores
 
 
 def test_cli_run_prints_scores_and_skips(tiny_dir, tmp_path, isolated_cache, capsys):
@@ -81,13 +84,14 @@ def test_toxicity_attack_on_shared_decoding_trust(tiny_dir, tmp_path, isolated_c
     folder = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "decoding_trust"
     if not folder.exists():
         pytest.skip("shared data not present")
-    sets = FAST + [f"attack.dataset.path={folder}", f"attack.eval_dataset.path={folder}"]
+    sets = FAST + [f"attack.dataset={{name: decoding_trust, path: {folder}}}",
+                   f"attack.eval_dataset={{name: decoding_trust, path: {folder}}}"]
     spec = resolve("smoke", attack="toxicity", model=str(tiny_dir), sets=sets)
     rec = run_trial(spec, tmp_path / "r", progress=False)
-    assert rec["status"] == "ok", rec["error"]
-    assert "toxicity" in rec["scores"]["post_attack"]
-    assert rec["scores"]["post_attack"]["toxicity"]["max_new_tokens"] == 25
-    assert rec["data"]["synthesized"] == []  # DecodingTrust rows come with continuations
+    assert rec.status == "ok", rec.error
+    assert "toxicity" in rec.scores.post_attack and rec.evaluation == "toxicity"
+    assert rec.scores.post_attack["toxicity"]["max_new_tokens"] == 25
+    assert rec.data["synthesized"] == []  # DecodingTrust rows come with continuations
 
 
 def test_unavailable_scorer_swapped_for_declared_fallback(tiny_dir, tmp_path, isolated_cache, caplog):
@@ -111,15 +115,16 @@ def test_unavailable_scorer_swapped_for_declared_fallback(tiny_dir, tmp_path, is
     METRICS.add("test_unavailable_scorer", Unavailable)
     sets = [s for s in FAST if not s.startswith("eval.toxicity_scorer")] + [
         "eval.toxicity_scorer.name=test_unavailable_scorer", "eval.toxicity_scorer.fallback=profanity_check",
-        f"attack.dataset.path={folder}", f"attack.eval_dataset.path={folder}", "attack.samples=4"]
+        f"attack.dataset={{name: decoding_trust, path: {folder}}}",
+        f"attack.eval_dataset={{name: decoding_trust, path: {folder}}}", "attack.samples=4"]
     spec = resolve("smoke", attack="toxicity", model=str(tiny_dir), sets=sets)
     with caplog.at_level("WARNING"):
         rec = run_trial(spec, tmp_path / "r", progress=False)
-    assert rec["status"] == "ok", rec["error"]
-    prov = rec["scores"]["post_attack"]["toxicity"]["scorer"]
+    assert rec.status == "ok", rec.error
+    prov = rec.scores.post_attack["toxicity"]["scorer"]
     assert prov["scorer"] == "profanity_check"
     assert prov["fallback_from"]["scorer"] == "test_unavailable_scorer"
-    assert any("fallback 'profanity_check'" in n for n in rec["notes"])
+    assert any("fallback 'profanity_check'" in n for n in rec.notes)
     assert any("fallback 'profanity_check'" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
     # without a declared fallback the error stands, before any model is loaded
     spec2 = resolve("smoke", attack="toxicity", model=str(tiny_dir),
@@ -141,7 +146,8 @@ def test_smoke_run_with_capability_and_trainability(tiny_dir, tmp_path, isolated
     summary, for the defended model, and the criteria compare them with the base model."""
     import pathlib
 
-    if not (pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "viggo").exists():
+    viggo = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "viggo"
+    if not viggo.exists():
         pytest.skip("shared data not present")
     from harness.api.components import Defence
     from harness.api.registry import DEFENCES
@@ -162,7 +168,7 @@ def test_smoke_run_with_capability_and_trainability(tiny_dir, tmp_path, isolated
     args = ["run", "--defence", "test_scale_head", "--attack", "harmfulqa", "--model", str(tiny_dir), "--output",
             str(tmp_path / "r"), "--no-progress", "--eval", "capability,trainability",
             "--set", "eval.params.trainability.samples=8", "--set", "eval.params.trainability.eval_samples=4",
-            "--set", "eval.params.trainability.max_new_tokens=8"] + [x for s in FAST for x in ("--set", s)]
+            "--set", "eval.params.trainability.max_new_tokens=8", "--set", f"eval.params.trainability.path={viggo}"] + [x for s in FAST for x in ("--set", s)]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "capability" in out and "trainability" in out

@@ -143,3 +143,19 @@ def load_model(spec: ModelSpec, source: Optional[ModelSource] = None, device: Op
     model.to(device)
     model.eval()
     return model, tokenizer, source
+
+
+def parameter_count(spec: ModelSpec, source: ModelSource) -> int:
+    """The base model's parameter count without loading its weights (the model is built from its
+    config on the ``meta`` device); equals ``sum(p.numel() for p in model.parameters())`` of the
+    loaded model, tied embeddings counted once."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    where = _embedded_from_gguf(source.path) if source.source.startswith("pypi:") else source.path
+    kwargs = dict(trust_remote_code=spec.trust_remote_code)
+    if spec.revision and source.source == "hub":
+        kwargs["revision"] = spec.revision
+    config = AutoConfig.from_pretrained(where, **kwargs)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
+    return sum(p.numel() for p in model.parameters())

@@ -15,7 +15,7 @@ import json
 import logging
 from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from harness.api.components import Example
 from harness.api.config import SynthSpec
@@ -45,8 +45,12 @@ def _cache_file(cache_dir: Path, model_key: str, kind: str, settings: SynthSpec)
 
 
 def complete(examples: Sequence[Example], kind: str, model, tokenizer, *, model_key: str, cache_dir: Path,
-             settings: SynthSpec, progress: bool = True) -> tuple[list[Example], dict]:
-    """Fill ``response`` (kind="response") or ``refusal`` (kind="refusal") where missing."""
+             settings: SynthSpec, progress: bool = True,
+             load: Optional[Callable[[], tuple[Any, Any]]] = None) -> tuple[list[Example], dict]:
+    """Fill ``response`` (kind="response") or ``refusal`` (kind="refusal") where missing.
+
+    ``model``/``tokenizer`` may be ``None`` with ``load`` given: ``load()`` returns them, and is
+    called only if some text is not in the cache (a resumed trial need not load the model)."""
     assert kind in ("response", "refusal")
     todo = [ex for ex in examples if not getattr(ex, kind)]
     info = {"kind": kind, "generated": 0, "cached": 0, "model": model_key,
@@ -58,6 +62,8 @@ def complete(examples: Sequence[Example], kind: str, model, tokenizer, *, model_
     new_prompts = sorted({ex.prompt for ex in todo if ex.prompt not in cache})
     info["cached"] = len({ex.prompt for ex in todo}) - len(new_prompts)
     if new_prompts:
+        if model is None:
+            model, tokenizer = load()
         log.info("generating %d %s text(s) with the base model (cached in %s)", len(new_prompts),
                  "harmful answer" if kind == "response" else "refusal", path)
         if kind == "response":

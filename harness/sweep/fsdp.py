@@ -5,9 +5,11 @@ moments are 8 bytes per parameter in bf16, plus activations) asks for ``workers:
 sweep's ``resources`` (or the cost model picks N). The stage then runs as a Ray Train job of N
 workers (``TorchTrainer``; NCCL on GPUs, gloo on CPU), each of which
 
-1. loads the starting model (the base model for a defence, the defended checkpoint for an attack)
-   and draws the same data as ``run_trial`` (rank 0 first, so only it generates missing texts),
-2. shards it with PyTorch FSDP2 (``fully_shard`` on every decoder layer, the embeddings, the final
+1. runs the trial's own stages of its task (``harness.pipeline.stages``: setup, data, defence and,
+   for an attack, attack), so it draws the same data and starts from the same model as
+   ``run_trial`` (the data stage on rank 0 first, so only it generates missing texts), with an
+   ``FSDPTrainer`` in place of the one-process ``Trainer``, which
+2. shards the model with PyTorch FSDP2 (``fully_shard`` on every decoder layer, the embeddings, the final
    norm and the LM head, then on the model; see ``wrap``),
 3. trains on its slice of every global batch: the global batch of ``batch_size`` rows is split into
    ``world`` consecutive slices of ``batch_size // world`` rows, so the optimiser sees the same
@@ -32,6 +34,19 @@ import os
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from harness.api.components import Defence
+from harness.api.config import attack_config, validate
+from harness.api.record import TrainStats
+from harness.api.registry import DEFENCES
+from harness.lib.checkpoints import is_complete, save_model
+from harness.lib.layers import decoder_layers, final_norm, lm_head
+from harness.pipeline.stages import run_stage, stages_for_task
+from harness.pipeline.state import Trainer, TrialPaths, open_trial
+from harness.sweep.grid import import_plugins
 
 log = logging.getLogger("harness.sweep.fsdp")
 
@@ -59,10 +74,6 @@ def shard_rows(rows: Sequence[Any], world: int, rank: int, batch_size: int) -> t
 
 def unsupported_reason(kind: str, spec) -> Optional[str]:
     """Why ``kind`` ("defence" or "attack") of ``spec`` cannot train with FSDP, or None."""
-    from harness.api.components import Defence
-    from harness.api.config import attack_config
-    from harness.api.registry import DEFENCES
-
     d = DEFENCES.get(spec.defence.name)
     if kind == "defence" and d.save_defended is not Defence.save_defended:
         return (f"defence {spec.defence.name!r} saves its own checkpoint format (save_defended); FSDP training "
@@ -90,8 +101,6 @@ def wrap(model) -> Any:
     root unit (they cannot be split), so such a defence needs untied embeddings under FSDP."""
     from torch.distributed.fsdp import fully_shard
 
-    from harness.lib.layers import decoder_layers, final_norm, lm_head
-
     for layer in decoder_layers(model):
         fully_shard(layer)
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
@@ -111,8 +120,6 @@ def wrap(model) -> Any:
     # One forward through the whole model makes it FSDP's root, with every unit in its state; else a
     # defence that calls only the decoder body makes the embeddings a root of their own, and after
     # backward the head's gradients (read directly, outside any forward) are never reduced.
-    import torch
-
     device = next(model.parameters()).device
     with torch.no_grad():
         model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device))
@@ -128,10 +135,7 @@ def full_state_dict(model) -> dict:
 
 def save_full(config, state_dict: dict, tokenizer, folder: Path, meta: dict, dtype) -> None:
     """Rank 0: rebuild the model on the meta device, load the gathered weights, save + marker."""
-    import torch
     from transformers import AutoModelForCausalLM
-
-    from harness.lib.checkpoints import save_model
 
     with torch.device("meta"):
         fresh = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -145,65 +149,66 @@ def save_full(config, state_dict: dict, tokenizer, folder: Path, meta: dict, dty
     save_model(fresh, tokenizer, folder, meta=meta)
 
 
+class FSDPTrainer(Trainer):
+    """The trial's training stages on one FSDP rank: each rank trains on its slice of every global
+    batch (``shard_rows``) of the FSDP-wrapped model (``wrap``); the defended weights are gathered
+    to rank 0, which saves them (a collective call: every rank calls ``save_defended``)."""
+
+    def __init__(self, rank: int, world: int):
+        self.rank, self.world = rank, world
+        self.info: dict[str, Any] = {}
+
+    def prepare(self, component, rows, model):
+        cfg = component.config
+        rows, b = shard_rows(rows, self.world, self.rank, getattr(cfg, "batch_size", 1))
+        if hasattr(cfg, "batch_size"):
+            component.config = cfg.model_copy(update={"batch_size": b})
+        self.info = {"workers": self.world, "per_rank_batch": b, "global_batch": b * self.world,
+                     "configured_batch": getattr(cfg, "batch_size", None), "rows_per_rank": len(rows),
+                     "backend": dist.get_backend()}
+        return rows, wrap(model)
+
+    def stats(self, train):
+        return {**(train or {}), "fsdp": self.info}
+
+    def save_defended(self, trial, model, tokenizer, folder, meta):
+        save_gathered(model, tokenizer, folder, meta, trial.dtype, self.rank)
+
+
+def save_gathered(model, tokenizer, folder: Path, meta: dict, dtype, rank: int) -> None:
+    """Gather the full state dict (every rank calls this) and save it on rank 0."""
+    sd = full_state_dict(model)
+    if rank == 0:
+        save_full(model.config, sd, tokenizer, Path(folder), meta, dtype)
+
+
 def fsdp_worker(config: dict[str, Any], rank: int, world: int, device) -> dict[str, Any]:
-    """The body of one FSDP worker (the process group is already initialised)."""
-    import torch.distributed as dist
-
-    from harness.api.config import validate
-    from harness.lib.context import StageContext, seed_everything
-    from harness.lib.models import load_model, pick_dtype, resolve_source
-    from harness.sweep.grid import import_plugins
-    from harness.pipeline.trial import Components, TrialPaths, prepare_data
-
+    """The body of one FSDP worker (the process group is already initialised): the trial's stages
+    of the ``defence`` or ``attack`` task (``harness.pipeline.stages.stages_for_task``) with an
+    ``FSDPTrainer``; the data stage runs on rank 0 first, so only it generates missing texts."""
     kind = config["kind"]
     import_plugins(config.get("plugins") or [])
     spec = validate(config["spec"])
-    comp = Components.build(spec)
-    check_supported(comp, kind)
-    source = resolve_source(spec.model)
-    dtype = pick_dtype(spec.model, device)
-    paths = TrialPaths.of(config["output"], config["storage"])
-    seed_everything(spec.seed)
-    ctx = StageContext(kind, seed=spec.seed, device=device, dtype=dtype, workdir=paths.checkpoints, spec=spec,
-                       progress=False)
+    trainer = FSDPTrainer(rank, world)
+    t = open_trial(spec, TrialPaths.of(config["output"], config["storage"]), progress=False, device=device,
+                   trainer=trainer)
+    check_supported(t.comp, kind)
     t0 = time.perf_counter()
-    # rank 0 first: it generates (and caches) any missing texts; the others then read the cache
-    parts = data = None
-    for turn in (0, 1):
-        if (rank == 0) == (turn == 0):
-            model, tokenizer, source = load_model(spec.model, source, device, dtype)
-            parts, data = prepare_data(comp, model, tokenizer, source, False)
-        dist.barrier()
-    if kind == "attack" and spec.defence.name != "none":
-        del model
-        model, tokenizer = comp.defence.load_defended(Path(config["storage"]) / spec.defence_key(), spec.model,
-                                                      device, dtype)
-    role = "defence" if kind == "defence" else "attack"
-    component = comp.defence if kind == "defence" else comp.attack
-    cfg = component.config
-    rows, b = shard_rows(parts.get(role, []), world, rank, getattr(cfg, "batch_size", 1))
-    if hasattr(cfg, "batch_size"):
-        component.config = cfg.model_copy(update={"batch_size": b})
-    wrap(model)
-    seed_everything(spec.seed)
-    sctx = ctx.child(role)
-    if kind == "defence":
-        model = comp.defence.apply(model, tokenizer, rows, sctx)
-    else:
-        model = comp.attack.run(model, tokenizer, rows, sctx)
-    train = sctx.stats.get("train") or {}
-    fsdp_info = {"workers": world, "per_rank_batch": b, "global_batch": b * world,
-                 "configured_batch": getattr(cfg, "batch_size", None), "rows_per_rank": len(rows),
-                 "backend": dist.get_backend()}
-    sd = full_state_dict(model)
-    out = {"train": train, "fsdp": fsdp_info, "seconds": round(time.perf_counter() - t0, 2), "rank": rank}
-    if rank == 0:
-        meta = {"train": {**(train or {}), "fsdp": fsdp_info}, "seed": spec.seed}
-        if kind == "defence":
-            meta["defence"] = spec.canonical()["defence"]
+    for stage in stages_for_task(kind):
+        if stage.name == "data":  # rank 0 first: it generates (and caches) missing texts; the others read them
+            for turn in (0, 1):
+                if (rank == 0) == (turn == 0):
+                    run_stage(t, stage)
+                dist.barrier()
         else:
-            meta["trial_id"] = spec.trial_id
-        save_full(model.config, sd, tokenizer, Path(config["folder"]), meta, dtype)
+            run_stage(t, stage)
+    train = (t.record.train.get(kind) or TrainStats()).model_dump(mode="json")
+    if kind == "attack":  # the defence's checkpoint is saved by the defence stage; the attacked model here
+        model, tokenizer = t.attacked
+        save_gathered(model, tokenizer, Path(config["folder"]), {"train": train, "seed": spec.seed,
+                                                                 "trial_id": spec.trial_id}, t.dtype, rank)
+    out = {"train": train, "fsdp": trainer.info, "seconds": round(time.perf_counter() - t0, 2), "rank": rank}
+    if rank == 0:
         out["saved"] = config["folder"]
     dist.barrier()
     return out
@@ -212,7 +217,6 @@ def fsdp_worker(config: dict[str, Any], rank: int, world: int, device) -> dict[s
 def _ray_train_loop(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
-    import torch.distributed as dist
 
     os.environ.update(config.get("env") or {})
     ctx = ray.train.get_context()
@@ -231,8 +235,6 @@ def train_fsdp(kind: str, spec, output, storage, folder, *, workers: int, use_gp
     FSDP workers; rank 0 saves the result to ``folder``. Returns rank 0's metrics."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-
-    from harness.lib.checkpoints import is_complete
 
     folder = Path(folder)
     if is_complete(folder):
