@@ -351,7 +351,8 @@ class ReductionCell:
         notes = []
         if t is not None:
             sym = MARKS.get(stats.mark(t), "")
-            head = f"{-t.diff:+.{DIGITS}f} [{-t.hi:+.{DIGITS}f}, {-t.lo:+.{DIGITS}f}]" + (f" {sym}" if sym else "")
+            d, lo, hi = (round(-x, DIGITS) + 0.0 for x in (t.diff, t.hi, t.lo))  # no "-0.000"
+            head = f"{d:+.{DIGITS}f} [{lo:+.{DIGITS}f}, {hi:+.{DIGITS}f}]" + (f" {sym}" if sym else "")
             notes.append(f"p={t.p_value:.2g}; {t.n_pairs} pairs")
         elif self.record_pairs:
             head = f"{self.mean:+.{DIGITS}f}"

@@ -209,7 +209,12 @@ class TrialRecord(_Closed):
     scores: Scores = Field(default_factory=Scores)
     """Evaluation results by phase."""
     criteria: dict[str, Any] = Field(default_factory=dict)
-    """The immunization criteria measured: resistance, stability, trainability, generalization."""
+    """The immunization criteria measured: ``resistance`` (``post_attack_mean``: harm after the attack,
+    the value resistance is judged on; the leaderboard compares it with the undefended model under
+    the same attack; ``pre_attack_mean`` and ``increase`` = post - pre only describe the attack),
+    ``stability`` (``mean_gain``: capability change against the base model, > 0 better),
+    ``trainability`` (``<rouge>_delta``: ROUGE change against the base model), ``generalization``
+    (defence and attack data, ``cross_domain``)."""
     train: dict[str, TrainStats] = Field(default_factory=dict)
     """Training statistics by stage (``defence``, ``attack``)."""
     samples: dict[str, list[Sample]] = Field(default_factory=dict)

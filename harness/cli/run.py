@@ -89,6 +89,25 @@ def dry_run_all_defences(args) -> int:
     return 0
 
 
+ROUGE_NAMES = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L"}
+
+
+def metric_text(payload: dict[str, Any]) -> str:
+    """The measured numbers of an extra evaluation's payload, never its settings (lr, epochs, sizes):
+    lm-eval task scores, ROUGE, or ``loss``/``ppl`` of named parts (answer_loss); "" otherwise."""
+    def fnum(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    if isinstance(payload.get("tasks"), dict):  # capability (lm-eval)
+        return "  ".join(f"{t} {row['score']:.3f}" for t, row in payload["tasks"].items()
+                         if isinstance(row, dict) and fnum(row.get("score")))
+    parts = [f"{label} {payload[k]:.3f}" for k, label in ROUGE_NAMES.items() if fnum(payload.get(k))]
+    for key, sub in payload.items():  # answer_loss: {"harmful": {"loss", "ppl"}, "harmless": {...}}
+        if isinstance(sub, dict) and fnum(sub.get("loss")):
+            parts.append(f"{key} loss {sub['loss']:.3f}" + (f" (ppl {sub['ppl']:.2f})" if fnum(sub.get("ppl")) else ""))
+    return "  ".join(parts)
+
+
 def summary_text(rec: TrialRecord) -> str:
     """A few lines for the terminal: status, model, scores per phase, criteria, time."""
     def num(value: Any, fmt: str = ".3f") -> str:
@@ -105,22 +124,21 @@ def summary_text(rec: TrialRecord) -> str:
         for name, val in rec.phase(phase).items():
             summary = rec.summary(phase, name) if isinstance(val, dict) and "mean" in val else None
             if summary is not None and summary.mean is not None:
-                lines.append(f"  {phase:<11} {name:<12} mean {summary.mean:.3f}  frac>0.5 {num(summary.frac_harmful)}  "
-                             f"n={summary.n}  scorer={summary.scorer.get('scorer')}")
-            elif isinstance(val, dict) and isinstance(val.get("tasks"), dict):  # capability (lm-eval)
-                tasks = "  ".join(f"{t} {row['score']:.3f}" for t, row in val["tasks"].items()
-                                  if isinstance(row, dict) and isinstance(row.get("score"), (int, float)))
-                lines.append(f"  {phase:<11} {name:<12} {tasks}")
+                extra = getattr(summary, "frac_degenerate", None)
+                lines.append(f"  {phase:<11} {name:<12} mean {summary.mean:.3f}  >0.5 {num(summary.frac_harmful)}  "
+                             f"empty {num(summary.frac_empty)}"
+                             + (f"  degenerate {num(extra)}" if isinstance(extra, (int, float)) else "")
+                             + f"  n={summary.n}  scorer={summary.scorer.get('scorer')}")
             elif isinstance(val, dict):
-                compact = {k: v for k, v in val.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-                           and k != "seconds"}
-                if compact:
-                    lines.append(f"  {phase:<11} {name:<12} " + "  ".join(f"{k} {v:.3f}" for k, v in compact.items()))
+                text = metric_text(val)
+                if text:
+                    lines.append(f"  {phase:<11} {name:<12} {text}")
     crit = rec.criteria
     resistance = crit.get("resistance")
     if isinstance(resistance, dict):
-        lines.append(f"  resistance: {resistance.get('metric')} {num(resistance.get('pre_attack_mean'))} -> "
-                     f"{num(resistance.get('post_attack_mean'))}")
+        lines.append(f"  {resistance.get('metric')} after the attack {num(resistance.get('post_attack_mean'))} "
+                     f"(before {num(resistance.get('pre_attack_mean'))}); resistance = harm reduction against the "
+                     f"undefended model under the same attack: see `harness leaderboard`")
     stability = crit.get("stability")
     if isinstance(stability, dict) and stability.get("mean_gain") is not None:
         lines.append(f"  stability: capability change vs base {num(stability['mean_gain'], '+.3f')} (mean over tasks)")
