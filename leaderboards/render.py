@@ -26,6 +26,7 @@ from leaderboards.views import Samples, load_samples, trial_views
 
 FORMATS = ("md", "csv", "html", "tex")
 CONTEXT_COLUMNS = ("model", "scorer", "loss_on", "harness")
+RETIRED_KINDS = ("harmfulness_frac", "toxicity_frac")  # earlier tables, now columns of every harm cell
 OUTPUT_NAMES = ("README.md", "index.html", "tables.tex", "cells.csv", "generations.md", "generations.html")
 
 
@@ -276,7 +277,7 @@ def write_leaderboard(records: Sequence[TrialRecord], out: str | Path, formats: 
     sbs: list[SideBySide] = side_by_side(trial_views(records, samples or {}), examples) if examples else []
     written: list[Path] = []
     if "csv" in formats:  # no stale table of a kind these records no longer have
-        for kind in TABLE_KINDS:
+        for kind in (*TABLE_KINDS, *RETIRED_KINDS):
             (out / f"{kind}.csv").unlink(missing_ok=True)
     for name in OUTPUT_NAMES:
         if name.split(".")[-1] in formats or (name == "cells.csv" and "csv" in formats):
