@@ -10,7 +10,7 @@ in the text format the attack trains on (the attack's ``template`` and ``separat
 separately for the harmful answers and the refusals, the token-weighted mean loss over all
 examples (``loss``), its perplexity ``exp(loss)``, the unweighted mean of the per-example losses
 (``mean_example_loss``) and the per-example losses themselves (``per_example``, in eval order, for
-paired statistics). It runs on the model before the attack (``pre_attack``) and after it
+paired statistics); ``harmful_loss`` and ``harmless_loss`` repeat the two headline losses. It runs on the model before the attack (``pre_attack``) and after it
 (``post_attack``); the pipeline also runs it on the undefended base model (``base``).
 
 Why. It is the quantity RepNoise and its peers claim to change: a defence should keep the loss
@@ -102,7 +102,7 @@ class AnswerLoss(Evaluation):
         template, separator = self._format(ctx)
         use_autocast = bool(ctx is not None and getattr(ctx, "use_autocast", False))
         autocast = (lambda: torch.autocast(device_type="cuda", dtype=ctx.dtype)) if use_autocast else nullcontext
-        out: dict[str, Any] = {"template": template, "separator": separator, "max_length": cfg.max_length}
+        out: dict[str, Any] = {}
         for kind, field in KINDS.items():
             rows = [ex for ex in examples if getattr(ex, field)]
             if len(rows) < len(examples):
@@ -118,6 +118,9 @@ class AnswerLoss(Evaluation):
             out[kind] = {"loss": loss, "ppl": math.exp(loss) if not math.isnan(loss) else math.nan,
                          "mean_example_loss": sum(valid) / len(valid) if valid else math.nan,
                          "tokens": tokens, "n": len(rows), "per_example": [round(v, 5) for v in per]}
+        # headline numbers first (summaries print the first numeric entries), the settings last
+        out = {"harmful_loss": out["harmful"]["loss"], "harmless_loss": out["harmless"]["loss"], **out,
+               "settings": {"template": template, "separator": separator, "max_length": cfg.max_length}}
         if ctx is not None:
             ctx.log.info("%s answer loss: harmful %.4f (ppl %.2f), harmless %.4f (ppl %.2f), n=%d", ctx.stage,
                          out["harmful"]["loss"], out["harmful"]["ppl"], out["harmless"]["loss"],

@@ -70,3 +70,11 @@ def test_eval_request_asks_for_answers_only_with_answer_loss():
         spec = resolve("smoke", sets=[f"eval.extra={','.join(extra)}"] if extra else [])
         reqs = datamod.requests_for(spec, DEFENCES.get(spec.defence.name), spec.defence.config, spec.attack.config)
         assert {r.role: r.needs for r in reqs}["eval"] == needs
+
+
+def test_headline_losses_come_first_and_settings_apart(tiny):
+    model, tok = tiny
+    out = AnswerLoss().evaluate_on(model, tok, EXAMPLES, StageContext("pre_attack"))
+    assert list(out)[:2] == ["harmful_loss", "harmless_loss"]
+    assert out["harmful_loss"] == out["harmful"]["loss"] and out["harmless_loss"] == out["harmless"]["loss"]
+    assert out["settings"]["max_length"] == 256 and "{prompt}" in out["settings"]["template"]
