@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from harness.api.components import Example, TrainConfig
+from harness.api.space import searchable
 from harness.lib.text import PROMPT_TEMPLATE, RESPONSE_SEPARATOR, batches, sft_batch
 from harness.lib.training import train_loop
 
@@ -20,14 +21,28 @@ class LoraSpec(BaseModel):
     target_modules: Optional[list[str]] = None  # None: peft's default for the architecture
 
 
+#: the LoRA-vs-full axis of the attacker's search: full fine-tuning, or an adapter of rank 8 / 32
+LORA_CHOICES = [None, {"r": 8, "alpha": 16}, {"r": 32, "alpha": 64}]
+
+
 class SFTAttackConfig(TrainConfig):
     """What the supervised fine-tuning attacks share: the paper's attack lr 3e-5 (``TrainConfig``
     holds the rest: batch 4, 1 epoch, Adam, cosine, 10% warm-up, 256 tokens), the loss positions
-    and an optional LoRA adapter."""
+    and an optional LoRA adapter.
 
-    lr: float = Field(3e-5, gt=0)
-    loss_on: Literal["response", "all"] = "response"
-    lora: Optional[LoraSpec] = None
+    The attacker's search space (``harness search``; ``harness.api.space``) is declared here: lr
+    log-uniform in [1e-5, 1e-3], samples in {250, 500, 1000, 2000, 10000} (a sweep file's ``search.space``
+    narrows it to what a small dataset holds), 1-4 epochs, batch 2/4/8, Adam/AdamW/SGD, warm-up
+    0-30%, ``loss_on`` response/all, full fine-tuning or LoRA rank 8/32."""
+
+    lr: float = searchable(3e-5, {"log": [1e-5, 1e-3]}, gt=0)
+    samples: int = searchable(1000, {"choice": [250, 500, 1000, 2000, 10000]}, gt=0)
+    loss_on: Literal["response", "all"] = searchable("response", {"choice": ["response", "all"]})
+    lora: Optional[LoraSpec] = searchable(None, {"choice": LORA_CHOICES})
+    #: ranges of the fields inherited from TrainConfig (``harness.api.space``)
+    search_ranges: ClassVar[dict] = {"epochs": {"int": [1, 4]}, "batch_size": {"choice": [2, 4, 8]},
+                                     "optimizer": {"choice": ["adam", "adamw", "sgd"]},
+                                     "warmup_ratio": {"uniform": [0.0, 0.3]}}
 
 
 def sft_attack(model, tokenizer, data: list[Example], cfg, ctx, *, loss_on: str, template: str = PROMPT_TEMPLATE,

@@ -32,7 +32,6 @@ class HarmfulQA(Attack):
     evaluation = "harmfulness"
 
     class Config(SFTAttackConfig):
-        samples: int = 1000
         dataset: DatasetRef = DatasetRef(name="beavertails", split="30k_train")
         eval_dataset: DatasetRef = DatasetRef(name="beavertails", split="30k_test")
         template: str = PROMPT_TEMPLATE

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from harness.api.components import Attack, DatasetRef
 from harness.api.registry import ATTACKS
+from harness.api.space import searchable
 
 from attacks._sft import SFTAttackConfig, sft_attack
 
@@ -30,8 +31,8 @@ class Toxicity(Attack):
     evaluation = "toxicity"
 
     class Config(SFTAttackConfig):
-        samples: int = 300
-        epochs: int = 4
+        samples: int = searchable(300, {"choice": [100, 200, 300]}, gt=0)
+        epochs: int = searchable(4, {"int": [1, 8]}, gt=0)
         dataset: DatasetRef = DatasetRef(name="decoding_trust", type="toxic", hub_id="AI-Secure/DecodingTrust")
         eval_dataset: DatasetRef = DatasetRef(name="decoding_trust", type="toxic_test", hub_id="AI-Secure/DecodingTrust")
         template: str = TEMPLATE

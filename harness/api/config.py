@@ -269,15 +269,28 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
         raise ConfigError(f"--set {assignment!r}: empty key")
     node = data
     for i, part in enumerate(parts[:-1]):
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if isinstance(child, str) and part in ("defence", "attack") and i == 0:
-            child = node[part] = {"name": child}
-        if not isinstance(child, dict):
+        if isinstance(node, list):  # an item of a list by its index (attack.steps.1.lr)
+            child = node[_list_index(node, part, assignment, parts[:i])]
+        else:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if isinstance(child, str) and part in ("defence", "attack") and i == 0:
+                child = node[part] = {"name": child}
+        if not isinstance(child, (dict, list)):
             raise ConfigError(f"--set {assignment!r}: {'.'.join(parts[: i + 1])} is not a mapping")
         node = child
-    node[parts[-1]] = parse_value(raw)
+    if isinstance(node, list):
+        node[_list_index(node, parts[-1], assignment, parts[:-1])] = parse_value(raw)
+    else:
+        node[parts[-1]] = parse_value(raw)
+
+
+def _list_index(items: list, part: str, assignment: str, path: list[str]) -> int:
+    if not part.isdigit() or int(part) >= len(items):
+        raise ConfigError(f"--set {assignment!r}: {'.'.join(path)} is a list of {len(items)}; "
+                          f"expected an index 0..{len(items) - 1}, got {part!r}")
+    return int(part)
 
 
 def _component_entry(preset: dict[str, Any], kind: str, name: str) -> dict[str, Any]:

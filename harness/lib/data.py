@@ -157,7 +157,10 @@ def requests_for(spec, defence_cls, defence_cfg, attack_cfg) -> list[Request]:
     reqs = []
     if defence_cls.needs_data:
         reqs.append(Request("defence", defence_cfg.dataset, defence_cfg.samples, ("response", "refusal")))
-    reqs.append(Request("attack", attack_cfg.dataset, attack_cfg.samples, ("response",)))
+    # an attack's Config may declare the Example fields its rows need (``attack_needs``; default: the
+    # harmful answer); a training-free attack (refusal_ablation) reads the prompts only
+    reqs.append(Request("attack", attack_cfg.dataset, attack_cfg.samples,
+                        tuple(getattr(attack_cfg, "attack_needs", ("response",))))
     reqs.append(Request("eval", attack_cfg.eval_dataset, spec.eval.samples, ()))
     return reqs
 
