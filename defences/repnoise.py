@@ -45,12 +45,17 @@ yields the hidden states and the MLP outputs at once; the CE terms are computed 
 positions that count, in chunks, by a fused linear + cross-entropy that never holds a
 (batch, seq, vocab) tensor; the MMD uses a Gram matrix in float64 and is recomputed in backward
 instead of being stored; the training step back-propagates the harmful terms before the harmless
-pass runs, so the two graphs never coexist (the gradient is the sum of the same terms).
+pass runs, so the two graphs never coexist (the gradient is the sum of the same terms), and
+recomputes the harmless pass's decoder layers in backward (it runs while the harmful gradients are
+held). Matrix work: the FLOP floor of the loss (``harness.lib.flops``: two body passes, the head only
+at counted positions) plus that recomputed body forward; ``benchmarks/repnoise_step.py`` measures
+the step against plain fine-tuning.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 from typing import Literal, Optional
@@ -62,7 +67,7 @@ from torch.utils.checkpoint import checkpoint
 
 from defences._common import DataDefenceConfig, make_paired_batches, model_device, require, training_order
 from harness.api.components import Defence
-from harness.lib.layers import UnsupportedArchitecture, _arch, _base, final_norm, lm_head, mlp_modules
+from harness.lib.layers import UnsupportedArchitecture, _arch, _base, decoder_layers, final_norm, lm_head, mlp_modules
 from harness.api.registry import DEFENCES
 from harness.lib.training import autocast, train_loop
 
@@ -177,17 +182,23 @@ class _LinearCESum(torch.autograd.Function):
                     else:
                         gw.add_((g.T @ xc).float())
         del buf
-        ctx.save_for_backward(gx, gw, gb)
+        # intermediates, not inputs or outputs: kept on ctx and scaled in place in backward, so
+        # no second (vocab, hidden) buffer is allocated there
+        ctx.grads = (gx, gw, gb)
         ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
         return total
 
     @staticmethod
     def backward(ctx, grad_out):
-        gx, gw, gb = ctx.saved_tensors
+        if ctx.grads is None:
+            raise RuntimeError("linear_ce_sum: backward ran twice through one fused cross-entropy "
+                               "(retain_graph is not supported)")
+        gx, gw, gb = ctx.grads
+        ctx.grads = None
         wdtype, bdtype = ctx.dtypes
-        rx = gx * grad_out.to(gx.dtype) if gx is not None else None
-        rw = (gw * grad_out).to(wdtype) if gw is not None else None
-        rb = (gb * grad_out).to(bdtype) if gb is not None else None
+        rx = gx.mul_(grad_out.to(gx.dtype)) if gx is not None else None
+        rw = gw.mul_(grad_out).to(wdtype) if gw is not None else None
+        rb = gb.mul_(grad_out).to(bdtype) if gb is not None else None
         return rx, rw, rb, None, None, None
 
 
@@ -402,9 +413,31 @@ def _forward_body(model, batch: dict, hidden_states: bool):
                 output_hidden_states=hidden_states, use_cache=False)
 
 
-def _retain_term(model, harmless: dict, spec: _CESpec) -> torch.Tensor:
+@contextlib.contextmanager
+def _recomputed_layers(model, enabled: bool = True):
+    """Per-decoder-layer activation checkpointing while the block runs: each layer keeps only its
+    input and recomputes its activations in backward. Off when gradients are off or the model
+    already checkpoints its layers (Hugging Face ``gradient_checkpointing_enable``)."""
+    layers = list(decoder_layers(model)) if enabled and torch.is_grad_enabled() else []
+    if any(getattr(layer, "gradient_checkpointing", False) for layer in layers):
+        layers = []
+    saved = [(layer, layer.__dict__.get("forward")) for layer in layers]
+    for layer in layers:
+        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+    try:
+        yield
+    finally:
+        for layer, own in saved:
+            if own is None:
+                del layer.forward
+            else:
+                layer.forward = own
+
+
+def _retain_term(model, harmless: dict, spec: _CESpec, recompute: bool = False) -> torch.Tensor:
     head = lm_head(model)
-    out = _forward_body(model, harmless, hidden_states=False)
+    with _recomputed_layers(model, recompute):
+        out = _forward_body(model, harmless, hidden_states=False)
     last = out.last_hidden_state
     x = last.reshape(-1, last.shape[-1]).index_select(0, spec.index)
     s = linear_ce_sum(x, head, spec.labels, transform=_final_logit_transform(model))
@@ -495,10 +528,15 @@ def repnoise_loss(model, harmful: dict, harmless: dict, *, alpha: float = PAPER_
 
 def repnoise_backward(model, harmful: dict, harmless: dict, *, alpha: float = PAPER_ALPHA, beta: float = PAPER_BETA,
                       variant: Variant = DEFAULT_VARIANT, generator: Optional[torch.Generator] = None,
-                      hooks: Optional[MLPCapture] = None, scale: float = 1.0, amp=None) -> dict[str, float]:
+                      hooks: Optional[MLPCapture] = None, scale: float = 1.0, amp=None,
+                      recompute_retain: bool = True) -> dict[str, float]:
     """Forward and backward of ``scale * repnoise_loss(...).total`` with a lower memory peak:
     the harmful pass (noise and harmful terms) is back-propagated before the harmless pass runs,
-    so the two graphs never coexist (the gradients add up to the same total). Returns the loss
+    so the two graphs never coexist (the gradients add up to the same total). The harmless pass
+    then runs while the harmful pass's gradients (one copy of the parameters) are held, so with
+    ``recompute_retain`` its decoder layers are checkpointed (activations recomputed in backward:
+    one more body forward of the harmless batch, small next to the logit lens; without it the
+    step needs about one activation set more memory than plain fine-tuning). Returns the loss
     and its parts as floats; a non-finite part is not back-propagated (the caller raises)."""
     harmful, harmless, masks = _prepare(model, harmful, harmless, variant)
     amp = amp or contextlib.nullcontext
@@ -509,7 +547,7 @@ def repnoise_backward(model, harmful: dict, harmless: dict, *, alpha: float = PA
         if torch.isfinite(rest.detach()):
             (rest * scale).backward()
         with amp():
-            retain = _retain_term(model, harmless, masks.harmless)
+            retain = _retain_term(model, harmless, masks.harmless, recompute=recompute_retain)
         if torch.isfinite(retain.detach()):
             (retain * scale).backward()
     total = float(retain.detach()) + float(rest.detach())
