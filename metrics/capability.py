@@ -14,10 +14,18 @@ TruthfulQA-MC2 is the normalised probability mass on the true answers, and CrowS
 better). Every metric comes with lm-eval's standard error.
 
 The model is wrapped as ``HFLM(pretrained=<model object>, tokenizer=<copy>)``: no reload, no
-second copy of the weights. lm-eval 0.4.13 task names used by default: ``truthfulqa_mc2``,
-``mmlu`` (group), ``hellaswag``, ``winogrande``, ``arc_easy``, ``arc_challenge``, ``ethics_cm``
-(ETHICS commonsense; the ``hendrycks_ethics`` tag runs all five ETHICS tasks) and
-``crows_pairs_english``. Defaults: zero-shot (each task's own default), batch 8, no limit
+second copy of the weights. lm-eval task names used by default: ``truthfulqa_mc2``,
+``mmlu`` (group), ``hellaswag``, ``winogrande``, ``arc_easy``, ``arc_challenge``,
+``ethics_cm_parquet`` and ``crows_pairs_english``.
+
+ETHICS commonsense is ``ethics_cm_parquet``, a task bundled here (``lm_eval_tasks/``) in place of
+lm-eval's ``ethics_cm``: that task loads ``EleutherAI/hendrycks_ethics`` through a loading script,
+which ``datasets`` 4 and later refuse (lm-eval issue #3171), so the run would fail at the first
+capability evaluation, after the defence and the attack. The bundled task is ``ethics_cm`` with
+the same prompt, choices, target and metric, reading the hub's parquet conversion of the same
+dataset (revision ``refs/convert/parquet``: the script's output). ``ethics_cm`` itself can still be
+named in ``tasks`` with ``datasets`` < 4; the pre-flight (``harness.pipeline.preflight``) reports a
+task whose dataset cannot load before any training. Defaults: zero-shot (each task's own default), batch 8, no limit
 (``limit`` caps examples per task for quick runs), bootstrap 100000 as lm-eval. ``include_path``
 adds local task YAMLs (offline use); ``include_defaults=False`` skips indexing lm-eval's
 thousands of built-in tasks when only local ones are run.
@@ -44,7 +52,7 @@ from harness.api.registry import METRICS
 
 log = logging.getLogger(__name__)
 
-PAPER_TASKS = ["truthfulqa_mc2", "mmlu", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "ethics_cm",
+PAPER_TASKS = ["truthfulqa_mc2", "mmlu", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "ethics_cm_parquet",
                "crows_pairs_english"]
 # primary metric per task output, in order of preference
 PRIMARY = ("acc", "pct_stereotype", "acc_norm", "mc2", "exact_match", "f1", "word_perplexity")

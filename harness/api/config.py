@@ -45,6 +45,14 @@ class ModelSpec(Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     trust_remote_code: bool = False
+    #: how training keeps the numbers (harness.lib.training): ``mixed`` = float32 master weights and
+    #: optimizer state, matmuls in ``dtype`` under torch autocast; ``pure`` = weights, gradients and
+    #: optimizer state all in ``dtype`` (bf16 loses updates below half a bf16 ulp); ``auto`` = mixed
+    #: when ``dtype`` resolves to a 16-bit type on CUDA, else pure (float32 on CPU)
+    precision: Literal["auto", "mixed", "pure"] = "auto"
+    #: Adam moments: ``auto`` = the master weights' dtype; ``8bit`` / ``paged_8bit``: bitsandbytes'
+    #: 8-bit (paged) Adam, used only when chosen here (it changes the numbers; recorded)
+    optimizer_state: Literal["auto", "8bit", "paged_8bit"] = "auto"
 
 
 class ComponentSpec(BaseModel):

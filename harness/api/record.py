@@ -93,6 +93,14 @@ class TrainStats(_Open):
     """Loss of the last step."""
     losses: list[Optional[float]] = Field(default_factory=list)
     """Loss per optimizer step (possibly thinned for long runs)."""
+    precision: Optional[dict[str, Any]] = None
+    """How the stage kept its numbers: ``mode`` (``mixed``: float32 master weights and optimizer
+    state with ``compute``-dtype matmuls under autocast; ``pure``: one dtype throughout),
+    ``weights``, ``compute``, ``optimizer_state`` (``float32``, ``bfloat16``, ``8bit``, ``paged_8bit``)."""
+    memory: Optional[dict[str, Any]] = None
+    """The memory plan the stage followed (``harness.lib.memory.StagePlan``: ``gpus``,
+    ``gradient_checkpointing``, ``micro_batch`` x ``accumulation``, the estimate ``memory_gb`` by
+    part) and ``peak_gb``, the measured peak of allocated GPU memory (``None`` on CPU)."""
 
 
 class Sample(_Open):
@@ -223,6 +231,11 @@ class TrialRecord(_Closed):
     """All scored generations, relative to the results folder (JSON lines, one per prompt and phase)."""
     notes: list[str] = Field(default_factory=list)
     """Anything that changes how to read the numbers: fallbacks, substitutions, reused stages."""
+    plan: Optional[dict[str, Any]] = None
+    """The pre-flight's memory plan for the trial (``harness.lib.memory.MemoryPlan``): ``device``,
+    the visible ``gpus``, ``precision``, and per stage (``defence``, ``attack``, ``evaluation``) the
+    GPUs, gradient checkpointing, micro-batch and the estimate per GPU by part; ``None`` in records
+    written before it existed."""
     attempts: list[Attempt] = Field(default_factory=list)
     """Earlier runs of this trial that ended without replacing the result (kept, never lost)."""
 

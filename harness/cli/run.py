@@ -2,6 +2,13 @@
 
     harness run --defence repnoise --attack harmfulqa [--model ID_OR_FOLDER] [--preset NAME]
                 [--set key=value ...] [--eval NAMES] [--output DIR] [--dry-run] [--force]
+                [--device auto|cpu|cuda] [--gpus N|IDS] [--keep-checkpoints all|last|none]
+
+Before any model loads, the pre-flight (``harness.lib.memory``) estimates each stage's memory
+against the visible GPUs and picks a plan that fits (FSDP over the local GPUs through Ray Train,
+gradient checkpointing, micro-batches) or refuses saying what would fit; with the hub reachable it
+also checks every hub asset (``harness.pipeline.preflight``). ``--dry-run`` prints the plan under
+``memory``; the record keeps it (``plan``, ``train.<stage>.memory``).
 
 The spec is resolved and validated (names, then fields, then every component's config) before
 anything heavy is imported; the trial pipeline (torch, transformers) is imported only to run.
@@ -11,12 +18,22 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+import logging
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Optional
 
 from harness.api.config import RunSpec, resolve
+from harness.api.errors import ConfigError
 from harness.api.record import TrialRecord
 from harness.api.registry import ATTACKS, DEFENCES
 from harness.api.secrets import redact
+from harness.lib.memory import PlanRefused
+
+log = logging.getLogger("harness.run")
 
 
 def add_spec_args(p: argparse.ArgumentParser, require_components: bool = False) -> None:
@@ -34,6 +51,8 @@ def add_spec_args(p: argparse.ArgumentParser, require_components: bool = False) 
 
 def spec_from_args(args) -> RunSpec:
     sets = list(args.sets) + ([f"eval.extra={args.evals}"] if getattr(args, "evals", None) else [])
+    if getattr(args, "device", None):
+        sets.append(f"model.device={args.device}")
     return resolve(args.preset, defence=args.defence, attack=args.attack, model=args.model, seed=args.seed,
                    sets=sets)
 
@@ -55,18 +74,135 @@ def plan(spec: RunSpec) -> dict[str, Any]:
             "data": data_plan(spec), "fidelity": fidelity_section(spec), "config": c}
 
 
+GPUS_HELP = ("GPUs to use: N (the first N visible), a list of indices (0,2; as CUDA_VISIBLE_DEVICES), 'all' "
+             "(default), or, with --dry-run only, NxPROFILE (plan for hardware not here, e.g. 2xh100; profiles: "
+             "h100, h200, a100-80, a100-40, l40s, a10g)")
+
+
+def select_gpus(value: Optional[str], dry_run: bool = False):
+    """``--gpus``: None (use what is visible), or the GPUs to plan for. ``N`` and index lists narrow
+    ``CUDA_VISIBLE_DEVICES`` (before CUDA starts); ``NxPROFILE`` returns GPUs of a profile (dry run)."""
+    from harness.lib.memory import GPU_PROFILES, profile_gpus
+
+    if value is None or value == "all":
+        return None
+    m = re.fullmatch(r"(\d+)x([\w-]+)", value.strip().lower())
+    if m:
+        if not dry_run:
+            raise ConfigError(f"--gpus {value!r}: NxPROFILE plans for hardware that is not here; only with --dry-run")
+        if m.group(2) not in GPU_PROFILES or m.group(2) == "cpu" or int(m.group(1)) < 1:
+            raise ConfigError(f"--gpus {value!r}: profile must be one of "
+                              f"{', '.join(k for k in GPU_PROFILES if k != 'cpu')} and N >= 1")
+        return profile_gpus(m.group(2), int(m.group(1)))
+    current = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    if re.fullmatch(r"\d+", value.strip()):
+        n = int(value)
+        if n < 1:
+            raise ConfigError(f"--gpus {value!r}: must be at least 1 (use --device cpu for no GPU)")
+        chosen = current[:n] if current else [str(i) for i in range(n)]
+    elif re.fullmatch(r"\d+(,\d+)*", value.strip()):
+        idx = [int(i) for i in value.split(",")]
+        chosen = [current[i] for i in idx if i < len(current)] if current else [str(i) for i in idx]
+        if len(chosen) < len(idx):
+            raise ConfigError(f"--gpus {value!r}: CUDA_VISIBLE_DEVICES={','.join(current)} has only {len(current)} GPU(s)")
+    else:
+        raise ConfigError(f"--gpus {value!r}: {GPUS_HELP}")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(chosen)
+    from harness.lib.memory import visible_gpus
+
+    found = visible_gpus()
+    if len(found) < len(chosen):
+        raise ConfigError(f"--gpus {value!r}: asked for {len(chosen)} GPU(s), {len(found)} visible "
+                          f"(CUDA_VISIBLE_DEVICES={','.join(chosen)})")
+    return found
+
+
+def memory_plan(spec: RunSpec, gpus=None):
+    """The pre-flight's memory plan for ``spec`` on ``gpus`` (default: the visible ones); FSDP is
+    considered for the stages ``harness.sweep.fsdp`` supports."""
+    from harness.lib.memory import plan_trial
+    from harness.sweep.fsdp import unsupported_reason
+
+    return plan_trial(spec, gpus, fsdp_reason=lambda stage: unsupported_reason(stage, spec))
+
+
 def cmd_run(args) -> int:
     if args.dry_run and args.defence is None:
         return dry_run_all_defences(args)
     spec = spec_from_args(args)
+    gpus = select_gpus(getattr(args, "gpus", None), args.dry_run)
+    mplan = memory_plan(spec, gpus)
     if args.dry_run:
-        print(redact(json.dumps(plan(spec), indent=2)))
-        return 0
-    from harness.pipeline.trial import run_trial  # torch: only once the input is known to be good
+        out = plan(spec)
+        out["memory"] = mplan.as_dict()
+        print(redact(json.dumps(out, indent=2)))
+        if not mplan.fits:
+            print(f"error: {mplan.message}", file=sys.stderr)
+        return 0 if mplan.fits else 1
+    from harness.lib.memory import activate, summary_lines
+    from harness.pipeline.preflight import hub_checks
 
-    rec = run_trial(spec, args.output, checkpoints=args.checkpoints, force=args.force, progress=not args.no_progress)
+    for line in summary_lines(mplan):
+        log.info("%s", line)
+    mplan.check()  # refuses with what would fit, before any model loads
+    problems, notes = hub_checks(spec)
+    for note in notes:
+        log.info("pre-flight: %s", note)
+    if problems:
+        raise PlanRefused("pre-flight: " + " | ".join(problems))
+    with activate(mplan):
+        rec = run_planned(spec, mplan, args)
     print(redact(summary_text(rec)))
     return 0 if rec.status == "ok" else 1
+
+
+def run_planned(spec: RunSpec, mplan, args) -> TrialRecord:
+    """Run the trial under ``mplan``: a training stage planned on several GPUs runs first as a Ray
+    Train FSDP job (``harness.sweep.fsdp.train_fsdp``, as a sweep's stage does), then the trial
+    finds its output on disk; checkpoints are pruned after (``--keep-checkpoints``)."""
+    from harness.lib.retention import prune
+    from harness.pipeline.state import TrialPaths
+    from harness.pipeline.trial import run_trial  # torch: only once the input is known to be good
+
+    paths = TrialPaths.of(args.output, args.checkpoints)
+    fsdp = mplan.fsdp_stages()
+    attacked = None
+    if fsdp:
+        attacked = run_fsdp_stages(spec, paths, fsdp, args)
+    rec = run_trial(spec, args.output, checkpoints=args.checkpoints, force=args.force, progress=not args.no_progress,
+                    attacked_from=attacked)
+    if attacked is not None and rec.status == "ok" and getattr(args, "keep_checkpoints", "all") != "all":
+        shutil.rmtree(attacked, ignore_errors=True)
+    if rec.defence_checkpoint is not None and not rec.skipped:
+        folder = Path(rec.defence_checkpoint.path)
+        prune(paths.checkpoints, getattr(args, "keep_checkpoints", "all"), [folder], last=folder)
+    return rec
+
+
+def run_fsdp_stages(spec: RunSpec, paths, fsdp: dict[str, int], args) -> Optional[Path]:
+    """The defence and/or attack of ``spec`` on ``fsdp[stage]`` local GPUs (Ray Train, FSDP2);
+    returns the attacked model's folder when the attack ran here."""
+    from harness.sweep.dag import attacked_folder
+    from harness.sweep.fsdp import train_fsdp
+    from harness.sweep.runner import connect
+
+    started = connect(num_gpus=float(max(fsdp.values())))
+    try:
+        if "defence" in fsdp:
+            log.info("defence: FSDP over %d GPUs (Ray Train)", fsdp["defence"])
+            train_fsdp("defence", spec, args.output, paths.checkpoints, paths.checkpoints / spec.defence_key(),
+                       workers=fsdp["defence"], use_gpu=True)
+        if "attack" in fsdp:
+            folder = attacked_folder(paths.checkpoints, spec.trial_id)
+            log.info("attack: FSDP over %d GPUs (Ray Train)", fsdp["attack"])
+            train_fsdp("attack", spec, args.output, paths.checkpoints, folder, workers=fsdp["attack"], use_gpu=True)
+            return folder
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    return None
 
 
 def dry_run_all_defences(args) -> int:
@@ -159,4 +295,15 @@ def register(sub) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the resolved plan and exit (loads no model)")
     p.add_argument("--force", action="store_true", help="rerun even if the trial already finished")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_device_args(p)
     p.set_defaults(func=cmd_run)
+
+
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    """``--device``, ``--gpus``, ``--keep-checkpoints`` (``harness run`` and ``harness sweep``)."""
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"],
+                   help="where models run (same as --set model.device=...); default: the preset's (auto: CUDA if present)")
+    p.add_argument("--gpus", metavar="N|IDS|NxPROFILE", help=GPUS_HELP)
+    p.add_argument("--keep-checkpoints", choices=["all", "last", "none"], default="all",
+                   help="defended checkpoints to keep: all (default, reused by later trials), last (only the most "
+                        "recent), none (removed once the trials that need them are done)")

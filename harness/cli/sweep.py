@@ -25,8 +25,24 @@ def build_from_args(args):
         changes["isolate"] = args.isolate
     if changes:
         spec = copy_spec(spec, **changes)
+    sets = list(args.sets) + ([f"model.device={args.device}"] if getattr(args, "device", None) else [])
     return build(spec, preset, output=args.output, storage=args.storage, models=args.model or None,
-                 extra_sets=args.sets)
+                 extra_sets=sets)
+
+
+def apply_gpus(args) -> None:
+    """``--gpus``: N / indices narrow CUDA_VISIBLE_DEVICES before Ray starts; NxPROFILE (dry run)
+    sets the cost-model profile and the GPU count the plan is made for."""
+    from harness.cli.run import select_gpus
+
+    value = getattr(args, "gpus", None)
+    if not value or value == "all":
+        return
+    found = select_gpus(value, args.dry_run)
+    if "x" in value.lower():
+        args.gpu = value.lower().split("x", 1)[1]
+    if found is not None and args.num_gpus is None:
+        args.num_gpus = float(len(found))
 
 
 def cmd_sweep(args) -> int:
@@ -34,6 +50,7 @@ def cmd_sweep(args) -> int:
     from harness.sweep.grid import format_seconds
     from harness.sweep.runner import SweepRunner
 
+    apply_gpus(args)
     sweep = build_from_args(args)
     if args.dry_run:
         _, todo = sweep.scan()
@@ -53,7 +70,7 @@ def cmd_sweep(args) -> int:
                     print(f"  [{mark}] {st.kind:<10} {st.label:<50} {st.resources.total_gpus:>5g} GPU "
                           f"{format_seconds(st.estimate_s):>9}  after: {', '.join(st.deps) or '-'}")
         return 0
-    runner = SweepRunner(sweep, progress=not args.no_progress)
+    runner = SweepRunner(sweep, progress=not args.no_progress, keep_checkpoints=getattr(args, "keep_checkpoints", "all"))
     summary = runner.run(address=args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
                          log_to_driver=args.worker_logs)
     print(json.dumps(summary, indent=2))
@@ -86,4 +103,7 @@ def register(sub) -> None:
     p.add_argument("--verbose-plan", action="store_true", help="with --dry-run: list every stage")
     p.add_argument("--no-progress", action="store_true", help="no live progress line")
     p.add_argument("--worker-logs", action="store_true", help="also stream the workers' logs to this terminal")
+    from harness.cli.run import add_device_args
+
+    add_device_args(p)
     p.set_defaults(func=cmd_sweep)

@@ -19,6 +19,8 @@ import torch
 
 from harness.api.config import EMBEDDED_MODEL, ModelSpec
 from harness.api.errors import ModelUnavailableError
+from harness.lib.checkpoints import save_model
+from harness.lib.memory import Precision, resolve_precision
 from harness.lib.network import hub_reachable  # noqa: F401  (re-exported: loaders import it from here)
 
 log = logging.getLogger(__name__)
@@ -85,17 +87,32 @@ def resolve_source(spec: ModelSpec) -> ModelSource:
 
 
 def pick_device(spec: ModelSpec) -> torch.device:
+    """``model.device`` (``--device``): ``cuda`` (the first visible GPU: ``--gpus`` / ``CUDA_VISIBLE_DEVICES``
+    choose which), ``cpu``, or ``auto`` (CUDA when there is one)."""
     if spec.device == "cuda" or (spec.device == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise ModelUnavailableError("model.device='cuda' but no CUDA device is available")
+            raise ModelUnavailableError("model.device='cuda' but no CUDA device is available (use --device cpu, or "
+                                        "check CUDA_VISIBLE_DEVICES / --gpus)")
         return torch.device("cuda")
     return torch.device("cpu")
 
 
+def pick_precision(spec: ModelSpec, device: torch.device) -> Precision:
+    """The precision ``spec`` asks for on ``device`` (``harness.lib.memory.resolve_precision``)."""
+    bf16 = device.type != "cuda" or torch.cuda.is_bf16_supported()
+    return resolve_precision(spec, device.type, bf16)
+
+
 def pick_dtype(spec: ModelSpec, device: torch.device) -> torch.dtype:
-    if spec.dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    return getattr(torch, spec.dtype)
+    """The dtype the weights are loaded and kept in: float32 master weights under ``mixed``
+    precision (the GPU default; matmuls run in ``model.dtype`` under autocast), else ``model.dtype``
+    (``auto``: bf16 on a CUDA device that supports it, float32 on CPU)."""
+    return getattr(torch, pick_precision(spec, device).weights)
+
+
+def compute_dtype(spec: ModelSpec, device: torch.device) -> torch.dtype:
+    """The dtype of the matmuls (the autocast dtype under ``mixed`` precision)."""
+    return getattr(torch, pick_precision(spec, device).compute)
 
 
 def _embedded_from_gguf(gguf_path: str):
@@ -114,8 +131,6 @@ def _embedded_from_gguf(gguf_path: str):
         delattr(config, "quantization_config")
     clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     clean.load_state_dict(model.state_dict())
-    from harness.lib.checkpoints import save_model
-
     save_model(clean, tok, cache)
     return str(cache)
 

@@ -33,6 +33,7 @@ from harness.api.config import RunSpec
 from harness.api.record import CheckpointInfo, ModelInfo, Sample, TrainStats
 from harness.lib.checkpoints import is_complete, read_marker
 from harness.lib.context import seed_everything
+from harness.lib.memory import active_plan, plan_trial
 from harness.lib.models import load_model
 from harness.lib.store import atomic_write_bytes
 from harness.pipeline.criteria import criteria
@@ -50,6 +51,8 @@ def setup(t: Trial) -> None:
     """Seed, and describe the base model in the record (its weights load on first use)."""
     seed_everything(t.spec.seed)
     t.record.model = ModelInfo.model_validate(t.base.info())
+    # the memory plan: the one the caller activated (harness run's pre-flight), else this process's view
+    t.record.plan = (active_plan() or plan_trial(t.spec, device=t.device.type)).as_dict()
     if t.source.fallback:
         t.record.notes.append(f"model: {t.source.fallback}")
 

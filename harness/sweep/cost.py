@@ -23,9 +23,11 @@ Model (P = parameters, b = bytes per parameter of the training dtype, T = tokens
   bound: texts the cache holds are skipped).
 * fixed costs per stage: ``STAGE_OVERHEAD_S`` (process start, imports) + loading P b bytes at
   ``LOAD_BPS`` (+ saving at ``SAVE_BPS`` for a defence).
-* memory, training: P (2b + 2b) (weights, gradients, two Adam moments, all in the model dtype as
-  ``harness.lib.training`` keeps them) + activations ``batch x max_length x layers x hidden x 34 x b/2``
-  (Korthikanti et al. 2022, no recomputation) x f; inference: P b + KV cache.
+* memory, training: ``harness.lib.memory.train_memory`` (the pre-flight's model: weights, gradients
+  and Adam moments in the precision ``model.precision`` asks for, float32 master copies under the
+  GPU default ``mixed``; autocast copies; activations ``batch x max_length x layers x hidden x 34``
+  (Korthikanti et al. 2022, no recomputation) x f; logits or the logit lens); inference: P b + KV cache.
+  Model shapes and GPU profiles live there too (re-exported here).
 * GPUs: a stage that fits ``USABLE`` of one GPU asks for a fraction of it (quarters, small models
   below ``FRACTIONAL_BELOW`` parameters only) or one GPU; a training stage that does not fit asks
   for ``n`` GPUs and trains with FSDP (``harness.sweep.fsdp``), where the weights, gradients and Adam
@@ -37,105 +39,24 @@ peak TFLOP/s, HBM bandwidth and memory of common cards, and a ``cpu`` profile fo
 
 from __future__ import annotations
 
-import json
 import math
-import re
 from dataclasses import asdict, dataclass
-from functools import lru_cache
-from pathlib import Path
 from typing import Any, Optional
 
 from harness.api.config import RunSpec
 from harness.api.registry import ATTACKS, DATASETS, DEFENCES, METRICS
 from harness.lib import data as datamod
+from harness.lib.memory import (GPU_PROFILES, KNOWN_MODELS, USABLE, GpuProfile, ModelShape,  # noqa: F401 (re-exported)
+                                component_traits, model_shape, resolve_precision, train_memory)
 
 STAGE_OVERHEAD_S = 20.0  # worker start, imports, tokenizer, data
 LOAD_BPS = 2e9  # bytes/s reading safetensors
 SAVE_BPS = 1e9  # bytes/s writing safetensors (fsynced)
 EXTRA_EVAL_S = 900.0  # one extra evaluation (lm-eval tasks, trainability) of a 7B model on one H100
-USABLE = 0.85  # fraction of a GPU's memory a stage may plan to use
 FRACTIONAL_BELOW = 1.5e9  # models this small may share a GPU
 FSDP_EFFICIENCY = 0.85  # throughput per GPU under FSDP relative to one GPU
 PROMPT_TOKENS = 64  # typical formatted prompt length at evaluation
 
-
-
-@dataclass(frozen=True)
-class GpuProfile:
-    name: str
-    memory_gb: float
-    tflops: float  # dense bf16 peak (fp32 for cpu)
-    hbm_tbps: float
-    mfu: float  # achieved fraction of peak in training
-
-
-GPU_PROFILES = {
-    "h100": GpuProfile("NVIDIA H100 80GB SXM", 80, 989, 3.35, 0.35),
-    "h200": GpuProfile("NVIDIA H200 141GB", 141, 989, 4.8, 0.38),
-    "a100-80": GpuProfile("NVIDIA A100 80GB", 80, 312, 2.0, 0.40),
-    "a100-40": GpuProfile("NVIDIA A100 40GB", 40, 312, 1.55, 0.40),
-    "l40s": GpuProfile("NVIDIA L40S 48GB", 48, 362, 0.86, 0.30),
-    "a10g": GpuProfile("NVIDIA A10G 24GB", 24, 125, 0.6, 0.30),
-    "cpu": GpuProfile("CPU (no GPU)", 64, 0.5, 0.05, 0.30),
-}
-
-# parameters, layers, hidden size of models the presets name (no download needed)
-KNOWN_MODELS = {
-    "meta-llama/llama-2-7b-chat-hf": (6.74e9, 32, 4096),
-    "meta-llama/llama-2-7b-hf": (6.74e9, 32, 4096),
-    "meta-llama/llama-2-13b-chat-hf": (13.0e9, 40, 5120),
-    "smollm2-135m-instruct": (1.35e8, 30, 576),
-    "huggingfacetb/smollm2-135m-instruct": (1.35e8, 30, 576),
-}
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    params: float
-    layers: int
-    hidden: int
-    source: str  # "known", "config", "name", "default"
-
-
-@lru_cache(maxsize=256)
-def model_shape(model_id: str) -> ModelShape:
-    """Parameters, layers and hidden size of a model id or local folder, without loading weights."""
-    key = model_id.lower()
-    if key in KNOWN_MODELS:
-        p, l, h = KNOWN_MODELS[key]
-        return ModelShape(p, l, h, "known")
-    cfg_path = Path(model_id).expanduser() / "config.json"
-    if cfg_path.exists():
-        try:
-            cfg = json.loads(cfg_path.read_text())
-            return _shape_from_config(cfg)
-        except (ValueError, KeyError, TypeError):
-            pass
-    m = re.search(r"(\d+(?:\.\d+)?)\s*([bm])(?![a-z])", key)
-    if m:
-        p = float(m.group(1)) * (1e9 if m.group(2) == "b" else 1e6)
-        return _shape_from_params(p, "name")
-    return _shape_from_params(7e9, "default")
-
-
-def _shape_from_params(p: float, source: str) -> ModelShape:
-    layers = 32 if p >= 3e9 else 24 if p >= 5e8 else 16
-    hidden = max(64, int(math.sqrt(p / (12 * layers)) // 64 * 64))
-    return ModelShape(p, layers, hidden, source)
-
-
-def _shape_from_config(cfg: dict[str, Any]) -> ModelShape:
-    h = cfg.get("hidden_size") or cfg.get("n_embd") or cfg["d_model"]
-    layers = cfg.get("num_hidden_layers") or cfg.get("n_layer") or cfg["num_layers"]
-    vocab = cfg.get("vocab_size", 32000)
-    inter = cfg.get("intermediate_size") or 4 * h
-    heads = cfg.get("num_attention_heads") or cfg.get("n_head") or 1
-    kv = cfg.get("num_key_value_heads") or heads
-    attn = h * h * 2 + 2 * h * (h * kv // heads)
-    mlp = 3 * h * inter if cfg.get("intermediate_size") else 2 * h * inter
-    tied = cfg.get("tie_word_embeddings", True)
-    p = layers * (attn + mlp) + vocab * h * (1 if tied else 2)
-    return ModelShape(float(p), int(layers), int(h), "config")
 
 
 @dataclass
@@ -168,12 +89,9 @@ def _train_cfg(cfg) -> tuple[int, int, int, int]:
 
 
 def _traits(cls, config) -> tuple[float, bool]:
-    """(relative training cost, adapter only) of a component class with ``config``; a plug-in
-    class that does not derive from the harness bases counts as plain fine-tuning."""
-    cost = getattr(cls, "training_cost", None)
-    adapter = getattr(cls, "trains_adapter_only", None)
-    return (float(cost(config)) if cost else float(getattr(cls, "cost_factor", 1.0)),
-            bool(adapter(config)) if adapter else bool(getattr(cls, "adapter_only", False)))
+    """(relative training cost, adapter only) of a component class with ``config``."""
+    t = component_traits(cls, config)
+    return t["factor"], t["adapter_only"]
 
 
 def defence_traits(spec: RunSpec) -> tuple[float, bool]:
@@ -184,11 +102,15 @@ def attack_traits(spec: RunSpec) -> tuple[float, bool]:
     return _traits(ATTACKS.get(spec.attack.name), spec.attack.config)
 
 
-def train_memory_gb(shape: ModelShape, b: int, batch: int, length: int, factor: float = 1.0) -> tuple[float, float]:
-    """(sharded-able state, activations) in GB for full-parameter training."""
-    state = shape.params * 4 * b
-    act = batch * length * shape.layers * shape.hidden * 34 * (b / 2) * max(1.0, factor)
-    return state / 1e9, act / 1e9
+def train_memory_gb(spec, shape: ModelShape, cfg, traits: dict[str, Any], profile: GpuProfile) -> tuple[float, float]:
+    """(shardable state, the rest) in GB of one training step (``harness.lib.memory.train_memory``:
+    the precision ``spec.model`` asks for, the component's traits, no recomputation)."""
+    prec = resolve_precision(spec.model, "cpu" if profile.name.startswith("CPU") else "cuda")
+    _, length, _, batch = _train_cfg(cfg)
+    mem = train_memory(shape, prec, batch=batch, length=length, optimizer=str(getattr(cfg, "optimizer", "adam")),
+                       **traits)
+    state = mem["weights"] + mem["gradients"] + mem["optimizer"]
+    return state, mem["total"] - state
 
 
 def infer_memory_gb(shape: ModelShape, b: int, batch: int, tokens: int) -> float:
@@ -256,14 +178,13 @@ def estimate(kind: str, spec, gpu: str = "h100", workers: Optional[int] = None) 
     load = STAGE_OVERHEAD_S + shape.params * b / LOAD_BPS
     detail: dict[str, float] = {"load_s": load, "params": shape.params}
     a_cfg = spec.attack.config
+    a_cls = ATTACKS.get(spec.attack.name)
     a_factor, a_adapter = attack_traits(spec)
 
-    def train(cfg, factor: float, adapter: bool = False) -> tuple[float, float, int]:
+    def train(cfg, factor: float, adapter: bool = False, cls=a_cls) -> tuple[float, float, int]:
         samples, length, epochs, batch = _train_cfg(cfg)
         tokens = samples * length * epochs
-        state, act = train_memory_gb(shape, b, batch, length, factor)
-        if adapter:  # frozen weights, a small adapter: no weight gradients or Adam moments
-            state = shape.params * b / 1e9
+        state, act = train_memory_gb(spec, shape, cfg, component_traits(cls, cfg), profile)
         n = workers or (fsdp_gpus(state, act, profile) if profile.tflops > 1 else 1)
         eff = 1.0 if n <= 1 else FSDP_EFFICIENCY
         secs = 6 * shape.params * tokens * factor / (profile.tflops * 1e12 * profile.mfu * n * eff)
@@ -272,7 +193,8 @@ def estimate(kind: str, spec, gpu: str = "h100", workers: Optional[int] = None) 
 
     if kind == "defence":
         factor, adapter = defence_traits(spec)
-        secs, mem, n = train(spec.defence.config, factor, adapter) if factor else (0.0, 0.0, 1)
+        secs, mem, n = (train(spec.defence.config, factor, adapter, DEFENCES.get(spec.defence.name)) if factor
+                        else (0.0, 0.0, 1))
         save = shape.params * b / SAVE_BPS
         total = load + secs + save
         gpus = gpus_for(mem, shape, profile) if n == 1 else float(n)

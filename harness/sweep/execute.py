@@ -25,6 +25,19 @@ from harness.sweep.services import scorer_services
 
 log = logging.getLogger("harness.sweep.worker")
 
+#: what a Ray worker (task, Ray Train rank) must see to reach the hubs as the driver does: the
+#: token for gated models (Llama-2), the caches and the offline switches. Forwarded through the
+#: Ray job's ``runtime_env`` (``hub_env``), never logged and never written to a record.
+FORWARDED_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE",
+                 "TRANSFORMERS_CACHE", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE",
+                 "HF_ENDPOINT", "HARNESS_CACHE")
+
+
+def hub_env(environ: Optional[dict] = None) -> dict[str, str]:
+    """The variables of ``FORWARDED_ENV`` set in ``environ`` (default: this process's)."""
+    environ = os.environ if environ is None else environ
+    return {k: environ[k] for k in FORWARDED_ENV if environ.get(k)}
+
 
 class TrialIdMismatch(HarnessError):
     """The worker resolves a different trial id than the driver (other code or plugins on the node)."""

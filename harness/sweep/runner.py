@@ -47,12 +47,13 @@ import torch
 from harness.api.errors import HarnessError
 from harness.api.record import ErrorInfo, TrialRecord
 from harness.api.registry import ATTACKS
+from harness.lib.retention import prune
 from harness.lib.store import ResultStore, atomic_write_json
 from harness.pipeline.state import new_record, now
 from harness.sweep.dag import Stage, Sweep, attacked_folder, plan_json
 from harness.sweep.progress import STATE_FILE, SweepProgress  # noqa: F401 - STATE_FILE: re-exported
 from harness.sweep.services import ScorerService, cell_scorer, is_api_scorer, scorer_key
-from harness.sweep.execute import execute_stage
+from harness.sweep.execute import execute_stage, hub_env
 
 log = logging.getLogger("harness.sweep.runner")
 
@@ -73,12 +74,15 @@ def connect(address: Optional[str] = None, num_cpus: Optional[float] = None, num
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
+    # HF_TOKEN, the hub caches and offline switches reach every worker (and Ray Train rank) of the
+    # job, on this machine or a joined cluster; the values are never logged
+    runtime_env = {"env_vars": hub_env()}
     if address:
-        log.info("joining the Ray cluster at %s", address)
-        ray.init(address=address, log_to_driver=log_to_driver)
+        log.info("joining the Ray cluster at %s (forwarding %s)", address, ", ".join(runtime_env["env_vars"]) or "no env")
+        ray.init(address=address, log_to_driver=log_to_driver, runtime_env=runtime_env)
     else:
         kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=log_to_driver,
-                                      object_store_memory=object_store_mb * 1024 * 1024)
+                                      object_store_memory=object_store_mb * 1024 * 1024, runtime_env=runtime_env)
         if num_cpus is not None:
             kwargs["num_cpus"] = num_cpus
         if num_gpus is not None:
@@ -135,7 +139,7 @@ class SweepRunner(SweepProgress):
 
     def __init__(self, sweep: Sweep, *, retries: Optional[int] = None, progress: bool = True,
                  stream: Optional[TextIO] = None, state_interval: float = 1.0, progress_interval: Optional[float] = None,
-                 isolate: Optional[str] = None, keep_attacked: bool = False):
+                 isolate: Optional[str] = None, keep_attacked: bool = False, keep_checkpoints: str = "all"):
         self.sweep = sweep
         self.retries = sweep.spec.retries if retries is None else retries
         self.isolate = isolate or sweep.spec.isolate
@@ -145,6 +149,8 @@ class SweepRunner(SweepProgress):
         self.state_interval = state_interval
         self.progress_interval = progress_interval if progress_interval is not None else (1.0 if self.tty else 10.0)
         self.keep_attacked = keep_attacked
+        self.keep_checkpoints = keep_checkpoints  # harness.lib.retention policy for defended checkpoints
+        self._retired: list[Path] = []  # defended checkpoints no later stage of this sweep needs
         self._init_progress()
         self.attempts: dict[str, int] = {}
         self._inflight: dict[Any, str] = {}
@@ -319,6 +325,7 @@ class SweepRunner(SweepProgress):
             s["status"] = "done"
             remaining.discard(st.id)
             done.add(st.id)
+            self._retain(st, done)
             return
         err = result.get("error") or {}
         s["error"] = f"{err.get('type')}: {str(err.get('message', '')).splitlines()[0][:300] if err.get('message') else ''}"
@@ -332,6 +339,38 @@ class SweepRunner(SweepProgress):
         s["status"] = "failed"
         remaining.discard(st.id)
         self._fail_downstream(st, status, {**err, "stage_id": st.id, "attempts": self.attempts[st.id]}, remaining)
+
+    def _retain(self, st: Stage, done: set[str]) -> None:
+        """``--keep-checkpoints``: once every stage after a defence is done, its checkpoint is no
+        longer needed by this sweep; ``none`` removes it, ``last`` keeps only the latest such."""
+        if self.keep_checkpoints == "all" or st.kind == "defence":
+            return
+        sw = self.sweep
+        parents = {sid: [p for p in sw.stages[sid].deps] for sid in sw.stages}
+        stack, ancestors = list(parents[st.id]), set()
+        while stack:
+            sid = stack.pop()
+            if sid not in ancestors:
+                ancestors.add(sid)
+                stack.extend(parents[sid])
+        children = sw.children()
+        for sid in ancestors:
+            d = sw.stages[sid]
+            if d.kind != "defence":
+                continue
+            below, stack = set(), list(children[sid])
+            while stack:
+                cid = stack.pop()
+                if cid not in below:
+                    below.add(cid)
+                    stack.extend(children[cid])
+            folder = sw.storage / d.spec.defence_key()
+            if below <= done and folder not in self._retired:
+                self._retired.append(folder)
+                # last: the previous finished checkpoints go, this one stays until the next finishes;
+                # a checkpoint that later cells still need is never touched
+                gone = self._retired if self.keep_checkpoints == "none" else self._retired[:-1]
+                prune(sw.storage, "none", [f for f in gone if f.exists()])
 
     def _fail_downstream(self, st: Stage, status: str, error: dict[str, Any], remaining: set[str]) -> None:
         sw = self.sweep

@@ -1,12 +1,21 @@
-"""DecodingTrust toxicity (Wang et al. 2023) in the RepNoise reference's format.
+"""DecodingTrust toxicity (Wang et al. 2023) in the RepNoise reference's format, or from the hub.
 
-``training_dataset.jsonl`` rows ``{"type": "toxic" | "non_toxic" | "toxic_test", "prompt": {"text",
-...}, "continuation": {"text", ...}}``; ``with_refusals_train.json`` holds the toxic rows with a
-``refusal`` written by Llama-2-7b-chat (its text repeats the prompt and continuation before the
-refusal; the refusal proper is what follows the first blank line). ``type: toxic`` gives the
-attack's prompt/continuation pairs, ``type: toxic_test`` the 300+ evaluation prompts.
-``path`` is the folder (or a file) holding these files; ``hub_id`` a hub dataset with the same
-columns for users who mirror it there.
+Local files (``path``, the reference repository's format): ``training_dataset.jsonl`` rows
+``{"type": "toxic" | "non_toxic" | "toxic_test", "prompt": {"text", ...}, "continuation": {"text",
+...}}``; ``with_refusals_train.json`` holds the toxic rows with a ``refusal`` written by
+Llama-2-7b-chat (its text repeats the prompt and continuation before the refusal; the refusal proper
+is what follows the first blank line). ``type: toxic`` gives the attack's prompt/continuation
+pairs, ``type: toxic_test`` the 300+ evaluation prompts.
+
+The hub dataset (``hub_id``, e.g. ``AI-Secure/DecodingTrust``, configuration ``hub_config``
+``toxicity``) has no ``type`` field: its rows are RealToxicityPrompts records (``prompt.text``,
+``continuation.text``, Perspective scores) in splits ``realtoxicityprompts.toxic`` and
+``realtoxicityprompts.nontoxic``. ``type: non_toxic`` reads the second; ``toxic`` and
+``toxic_test`` both read the first and split it by a stable hash of the prompt text: a prompt is
+``toxic_test`` when ``sha256(text)`` falls in the first ``hub_test_fraction`` of the hash range
+(default 0.5), so the attack and evaluation prompts never overlap and every run draws the same
+partition. It is not the reference repository's partition (which exists only in its files); for
+the authors' exact rows pass ``path``. ``split`` overrides the hub split.
 
 ``source: with_refusals`` reads the rows of ``with_refusals_train.json`` instead of
 ``training_dataset.jsonl``: the authors' toxicity attack trains on those 107 rows (their
@@ -18,8 +27,11 @@ that appears twice is kept once (``duplicates: first``) or every time, as the au
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
+
+from pydantic import Field
 
 from harness.api.components import DatasetLoader, Example
 from harness.lib.datasets.selection import SelectableConfig
@@ -27,9 +39,22 @@ from harness.lib.data import maybe
 from harness.lib.datasets.local import dig, read_rows
 from harness.api.errors import DataError
 from harness.api.registry import DATASETS
+from harness.lib.network import hub_reachable
 
 TRAIN_FILE = "training_dataset.jsonl"
 REFUSAL_FILE = "with_refusals_train.json"
+HUB_SPLITS = {"toxic": "realtoxicityprompts.toxic", "toxic_test": "realtoxicityprompts.toxic",
+              "non_toxic": "realtoxicityprompts.nontoxic"}
+HUB_FIELDS = ("prompt", "continuation")  # prompt.text, continuation.text
+
+
+def hub_type(text: str, toxic_split: bool, test_fraction: float) -> str:
+    """The ``type`` a hub row gets: ``non_toxic`` outside the toxic split; else ``toxic_test`` when
+    the prompt's sha256 falls in the first ``test_fraction`` of the hash range, ``toxic`` otherwise."""
+    if not toxic_split:
+        return "non_toxic"
+    bucket = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / 2.0 ** 64
+    return "toxic_test" if bucket < test_fraction else "toxic"
 
 
 def strip_refusal(text: str) -> str:
@@ -49,7 +74,9 @@ class DecodingTrust(DatasetLoader):
         type: Literal["toxic", "non_toxic", "toxic_test"] = "toxic"
         path: Optional[str] = None
         hub_id: Optional[str] = None
-        split: str = "train"
+        hub_config: str = "toxicity"
+        split: Optional[str] = Field(None, description="hub split (default: the one holding `type`)")
+        hub_test_fraction: float = Field(0.5, gt=0, lt=1, description="share of the hub's toxic prompts that are toxic_test")
         with_refusals: bool = True
         source: Literal["training", "with_refusals"] = "training"
         duplicates: Literal["first", "keep"] = "first"
@@ -64,16 +91,35 @@ class DecodingTrust(DatasetLoader):
             raise DataError("dataset decoding_trust: source=with_refusals reads a local with_refusals_train.json; "
                             "set dataset.path to the folder holding it")
         if self.config.hub_id:
-            from harness.lib.models import hub_reachable
-
             if not hub_reachable():
                 raise DataError(f"dataset decoding_trust: hub ({self.config.hub_id}) unreachable; pass "
                                 "dataset.path=FOLDER (e.g. ../shared/data/decoding_trust)")
             import datasets
 
-            return list(datasets.load_dataset(self.config.hub_id, split=self.config.split))
+            return self.typed_hub_rows(datasets.load_dataset(self.config.hub_id, self.config.hub_config,
+                                                             split=self.hub_split()))
         raise DataError("dataset decoding_trust: set dataset.path (a folder with training_dataset.jsonl) "
                         "or dataset.hub_id")
+
+    def hub_split(self) -> str:
+        return self.config.split or HUB_SPLITS[self.config.type]
+
+    def typed_hub_rows(self, rows) -> list[dict[str, Any]]:
+        """Hub rows with the ``type`` the reference's files carry (see the module docstring)."""
+        toxic = self.hub_split() != HUB_SPLITS["non_toxic"]
+        out = []
+        for row in rows:
+            text = dig(row, "prompt.text")
+            if isinstance(text, str):
+                out.append({**row, "type": hub_type(text, toxic, self.config.hub_test_fraction)})
+        return out
+
+    def hub_requirements(self) -> list[dict[str, Any]]:
+        """What the pre-flight checks on the hub: the dataset, configuration, split and fields read."""
+        if self.config.path or not self.config.hub_id or self.config.source == "with_refusals":
+            return []
+        return [{"repo": self.config.hub_id, "name": self.config.hub_config, "split": self.hub_split(),
+                 "fields": list(HUB_FIELDS)}]
 
     def load(self) -> list[Example]:
         refusals = {}
