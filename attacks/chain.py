@@ -35,6 +35,7 @@ from pydantic_core import PydanticCustomError
 
 from harness.api.components import Attack, ComponentConfig, DatasetRef
 from harness.api.config import format_validation_error
+from harness.api.config import format_validation_error
 from harness.api.errors import UnknownComponentError
 from harness.api.registry import ATTACKS
 from harness.api.space import Space, declared_space

@@ -123,6 +123,6 @@ def parse_space(raw: Any, where: str) -> dict[str, Space]:
             out[str(key)] = Space(**value)
         except Exception as exc:  # pydantic ValidationError: keep only its message
             msg = getattr(exc, "errors", None)
-            text = "; ".join(e["msg"] for e in msg()) if callable(msg) else str(exc)
+            text = "; ".join(e["msg"].removeprefix("Value error, ") for e in msg()) if callable(msg) else str(exc)
             raise ConfigError(f"{where}.{key} = {value!r}: {text}") from None
     return out

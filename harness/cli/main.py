@@ -1,6 +1,6 @@
 """The ``harness`` command: the parser, logging and the dispatch to one module per command.
 
-    harness run | list | analyze | sweep | status | leaderboard | nightly | schema ...
+    harness run | list | analyze | sweep | search | status | leaderboard | nightly | schema ...
 
 Each command lives in its own module with a ``register(subparsers)`` function. Only the module
 of the command being run is imported (``harness --help`` and an unknown command import them all;
@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, ...]] = {
     "list": ("harness.cli.list",),
     "analyze": ("harness.cli.analyze",),
     "sweep": ("harness.cli.sweep",),
+    "search": ("harness.cli.search",),
     "status": ("harness.cli.sweep", "harness.sweep.status"),
     "leaderboard": ("harness.cli.leaderboard",),
     "nightly": ("harness.cli.leaderboard",),

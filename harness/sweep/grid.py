@@ -28,6 +28,8 @@ A sweep file (``harness sweep SPEC.yaml``) or the ``sweep:`` section of a preset
     isolate: process               # process: every stage in a fresh worker (frees GPU memory); reuse: gc only
     scorer_service: true           # API scorers (Perspective) score in one CPU-only Ray actor for the whole
                                    #   sweep: one rate limit and cache (the calling stage waits for it)
+    search: {budget: 16, epsilon: 0.1}   # `harness search FILE`: worst-case attack search per defence x attack
+                                   #   instead of the grid (harness.sweep.search); `harness sweep` ignores it
 
 Every cell is made by ``harness.api.config.resolve`` from the base preset, ``--defence/--attack/
 --model/--seed`` and ``--set`` strings, exactly as ``harness run`` makes it, so a cell's trial id
@@ -150,6 +152,7 @@ class SweepSpec(BaseModel):
     resources: dict[str, Union[str, Resources]] = Field(default_factory=dict)
     isolate: str = "process"
     scorer_service: bool = True  # API scorers (Perspective) run in one CPU-only actor with one rate limit
+    search: Optional[dict[str, Any]] = None  # worst-case attack search (harness search FILE; harness.sweep.search)
 
     @field_validator("isolate")
     @classmethod
