@@ -104,6 +104,7 @@ def test_trials_are_ordinary_records_and_the_search_resumes(tiny_dir, tmp_path, 
     """No Ray: the trial and resume logic the Tune trainable calls."""
     settings = SearchSettings(budget=3, space={"harmfulqa": SPACE})
     s = Search("smoke", "none", "harmfulqa", settings, tmp_path / "out", sets=FAST, model=str(tiny_dir))
+    assert s.representative() == {"lr": 1e-4, "samples": 4}  # the defaults (3e-5, 1000) lie outside the space
     s.prepare()
     first = s.run_one({"lr": 1e-3, "samples": 4})
     spec = resolve("smoke", model=str(tiny_dir), sets=FAST + ["eval.extra=[capability]", "attack.lr=0.001",

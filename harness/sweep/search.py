@@ -332,6 +332,18 @@ class Search:
             argv += ["--set", s]
         return " ".join(shlex.quote(a) for a in argv)
 
+    def representative(self) -> dict[str, Any]:
+        """A point of the space: each parameter's current value when the space holds it, else the
+        first choice or the low end of its range."""
+        params = self.base.canonical()["attack"]
+        out = {}
+        for key, rng in self.space.items():
+            node: Any = params
+            for part in key.split("."):
+                node = node[int(part)] if isinstance(node, list) else node[part]
+            out[key] = node if rng.contains(node) else (rng.choice[0] if rng.kind == "choice" else rng.args[0])
+        return out
+
     # ---- state -------------------------------------------------------------------------------
     @property
     def trials_file(self) -> Path:
@@ -370,7 +382,10 @@ class Search:
         """The shared stages, once: data, defence, the defended model's pre-attack scores and
         capability, the base model's extras (``harness.pipeline.stages``)."""
         t0 = time.perf_counter()
-        t = open_trial(self.base, TrialPaths.of(self.output, self.ckpt), progress=progress, cache_pre_attack=True)
+        # the attack's defaults may lie outside the space (e.g. more samples than a small dataset holds):
+        # the shared stages run on a trial spec of the space, whose draw every trial's draw matches
+        spec = self.trial_spec(self.representative())
+        t = open_trial(spec, TrialPaths.of(self.output, self.ckpt), progress=progress, cache_pre_attack=True)
         for stage in stages.closure(["pre_attack", "base_extras"]):
             stages.run_stage(t, stage)
         log.info("search %s: shared stages ready in %.1fs (defended checkpoint, pre-attack scores)", self.id,
