@@ -35,6 +35,7 @@ from harness.api.registry import DATASETS
 from harness.lib.data import maybe
 from harness.lib.datasets.local import read_rows
 from harness.lib.datasets.selection import SelectableConfig
+from harness.lib.network import hub_reachable
 
 #: the categories the authors' category lists cover (the union of ``BT_CATEGORIES``)
 REFERENCE_CATEGORIES = frozenset({
@@ -92,8 +93,6 @@ class BeaverTails(DatasetLoader):
     def _rows(self) -> list[dict]:
         if self.config.path:
             return [row for _, row in read_rows(Path(self.config.path).expanduser())]
-        from harness.lib.models import hub_reachable
-
         if not hub_reachable():
             raise DataError(f"dataset beavertails: the hub ({self.config.hub_id}, split {self.config.split}) is "
                             "unreachable offline; download it elsewhere and pass defence.dataset.path / "
