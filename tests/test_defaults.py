@@ -33,6 +33,15 @@ def builtins():
     load_builtins()
 
 
+#: the project's own components; test plug-ins other test modules register (``sweep_support``) are
+#: fixtures, not defaults of the project, and would make these checks depend on test order
+PROJECT_PACKAGES = ("harness", "defences", "attacks", "metrics")
+
+
+def _project(registry) -> list[tuple[str, Any]]:
+    return [(name, cls) for name, cls in registry.items() if cls.__module__.split(".")[0] in PROJECT_PACKAGES]
+
+
 def _default(model: type[BaseModel], field: str) -> Any:
     info = model.model_fields[field]
     if info.default_factory is not None:
@@ -93,7 +102,7 @@ def _config_classes() -> dict[str, tuple[str, type[BaseModel]]]:
     """qualified name -> (registry kind, Config class) for every Config (and its bases) of a built-in."""
     out: dict[str, tuple[str, type[BaseModel]]] = {}
     for kind, registry in REGISTRIES.items():
-        for _, cls in registry.items():
+        for _, cls in _project(registry):
             for base in cls.Config.__mro__:
                 if isinstance(base, type) and issubclass(base, BaseModel) and base is not BaseModel:
                     out.setdefault(f"{base.__module__}.{base.__qualname__}", (kind, base))
@@ -113,8 +122,8 @@ def _preset_duplicates(name: str, preset: dict[str, Any]) -> list[str]:
         for comp, params in (preset.get(f"{kind}s") or {}).items():
             check(f"{kind}s.{comp}", params, registry.get(comp).Config)
         # a shared default that equals the default of any component it applies to is written twice
-        for comp in registry.names():
-            check(f"{kind}_defaults (for {comp})", preset.get(f"{kind}_defaults") or {}, registry.get(comp).Config)
+        for comp, cls in _project(registry):
+            check(f"{kind}_defaults (for {comp})", preset.get(f"{kind}_defaults") or {}, cls.Config)
     ev = dict(preset.get("eval") or {})
     for metric, params in (ev.pop("params", None) or {}).items():
         check(f"eval.params.{metric}", params, METRICS.get(metric).Config)
@@ -191,7 +200,7 @@ def test_component_helpers_do_not_repeat_config_defaults():
     function refers to the one definition instead."""
     found = []
     for kind, registry in REGISTRIES.items():
-        for name, cls in registry.items():
+        for name, cls in _project(registry):
             module = sys.modules[cls.__module__]
             defaults = {f: _default(cls.Config, f) for f in cls.Config.model_fields}
             for fname, param, value in _function_literal_defaults(module):

@@ -122,7 +122,7 @@ def test_d2t_batch_masks_prompt(tiny):
     from metrics.trainability import d2t_batch
 
     _, tok = tiny
-    b = d2t_batch(tok, ["Meaning representation: a\nDescription:", "MR: bb\nDescription:"], ["x y", "z"], 64)
+    b = d2t_batch(tok, ["Meaning representation: a\nDescription:", "MR: bb\nDescription:"], ["x y", "z"], 64, loss_on="response")
     assert b["input_ids"].shape == b["labels"].shape == b["attention_mask"].shape
     for i in range(2):
         n = int(b["attention_mask"][i].sum())
