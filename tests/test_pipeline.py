@@ -102,6 +102,30 @@ def test_dag_of_the_stage_list_as_it_is(tiny_dir, tmp_path, local_sets):
         assert deps[st.id] == expect, (st.id, deps[st.id])
 
 
+def test_base_extras_cached_per_seed_and_eval_data(tiny_dir, tmp_path, local_sets):
+    """The base model's answer_loss / trainability depend on the seed, the drawn eval examples and
+    the attack's text format: seed 1 must not reuse seed 0's file (nor a sweep its task)."""
+    from harness.pipeline.components import Components
+    from harness.pipeline.evaluation import base_extras_path
+
+    info = {"id": str(tiny_dir), "parameters": 1}
+
+    def path(seed=0, eval_data="fp-a", attack="harmfulqa"):
+        spec = resolve("smoke", defence="repnoise", attack=attack, model=str(tiny_dir),
+                       sets=[f"seed={seed}", "eval.extra=[answer_loss]"])
+        return base_extras_path(Components.build(spec), tmp_path, info, {"fingerprint": {"eval": eval_data}})
+
+    assert path() == path()
+    assert len({path(0), path(1), path(2)}) == 3
+    assert path(eval_data="fp-b") != path()
+    assert path(attack="toxicity") != path()  # answer_loss formats with the attack's template
+    common = {k: v for k, v in local_sets.items() if not k.startswith("defence.")}
+    sweep = build(SweepSpec(preset="smoke", plugins=["sweep_support"], defences=["repnoise"], seeds=[0, 1],
+                            set={**common, "eval.extra": ["answer_loss"]}),
+                  "smoke", output=str(tmp_path / "s"), models=[str(tiny_dir)])
+    assert len([s for s in sweep.stages.values() if s.kind == "base"]) == 2
+
+
 # ---- lazy models ----------------------------------------------------------------------------------
 def test_base_model_not_loaded_when_the_defended_checkpoint_is_complete(tiny_dir, tmp_path, monkeypatch,
                                                                          local_sets):

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from harness.api.components import Example
-from harness.api.config import RunSpec
 from harness.lib import data as datamod
 from harness.lib.context import StageContext
 from harness.lib.generation import generate
@@ -124,9 +123,16 @@ def evaluate_model(comp: Components, model, tokenizer, prompts: list[Example], c
 # ---------------------------------------------------------------------------------------------
 # caches
 # ---------------------------------------------------------------------------------------------
-def base_extras_path(checkpoints: Path, info: dict[str, Any], spec: RunSpec) -> Path:
-    """Cache file of the extra evaluations of the base model ``info`` (``BaseModel.info``)."""
-    return checkpoints / f"base-{_hash(info)}" / f"extras-{_hash(spec.eval.model_dump(mode='json'))}.json"
+def base_extras_path(comp: Components, checkpoints: Path, info: dict[str, Any], data_summary: dict[str, Any]) -> Path:
+    """Cache file of the extra evaluations of the base model ``info`` (``BaseModel.info``): one per
+    evaluation settings, seed (trainability and capability draw and train with it), evaluation
+    data (answer_loss reads the drawn eval examples) and the attack's text format (answer_loss's
+    default template and separator)."""
+    spec, attack_cfg = comp.spec, comp.attack.config
+    key = _hash({"eval": spec.eval.model_dump(mode="json"), "seed": spec.seed,
+                 "eval_data": data_summary["fingerprint"]["eval"], "template": getattr(attack_cfg, "template", None),
+                 "separator": getattr(attack_cfg, "separator", None)})
+    return checkpoints / f"base-{_hash(info)}" / f"extras-{key}.json"
 
 
 def pre_attack_path(comp: Components, checkpoints: Path, data_summary: dict[str, Any]) -> Path:

@@ -6,7 +6,8 @@ one task. With the stage list as it is::
 
     data:<h>-<h>      missing answers/refusals generated (and cached) once per base model, for every
                       data draw of the sweep, before anything trains (no two stages race on the cache)
-    base:<h>          extra evaluations of the base model (only with eval.extra and a real defence)
+    base:<h>          extra evaluations of the base model, per seed and eval data (only with eval.extra and
+                      a real defence)
     defence:<key>     the defended checkpoint, once per spec.defence_key() (model, defence, its
                       config, seed, data); absent for `none`
     pre_attack:<key>:<h>  pre-attack scores, once per defended model and evaluation
@@ -192,7 +193,11 @@ def _task_id(kind: str, cell: Cell) -> str:
     """The id of the task of kind ``kind`` that ``cell`` needs: cells that share the output share the id."""
     rs, c = cell.spec, cell.spec.canonical()
     if kind == "base":
-        return f"base:{_h({'model': c['model'], 'eval': c['eval'], 'synth': c['synth']})}"
+        a = c["attack"]  # what base_extras_path keys the cached extras on (eval data: seed, draw, eval set)
+        base_h = _h({"model": c["model"], "eval": c["eval"], "synth": c["synth"], "seed": c["seed"],
+                     "disjoint": c["disjoint"], "eval_dataset": a.get("eval_dataset"),
+                     "template": a.get("template"), "separator": a.get("separator")})
+        return f"base:{base_h}"
     if kind == "defence":
         return f"defence:{rs.defence_key()}"
     if kind == "pre_attack":
