@@ -130,17 +130,17 @@ class Defence(Component):
         return model
 
     def save_defended(self, model, tokenizer, folder, meta: dict[str, Any] | None = None):
-        """Save the defended model so ``load_defended`` can restore it (default: safetensors
-        ``save_pretrained`` of the whole model plus a completion marker)."""
-        return save_defended_default(model, tokenizer, folder, meta)
+        """Save the defended model so ``load_defended`` can restore it, writing the completion
+        marker last. Returning ``NotImplemented`` (this default) asks the pipeline for its default
+        format: safetensors ``save_pretrained`` of the whole model plus the marker
+        (``harness.lib.checkpoints.save_model``). Override both hooks for another format."""
+        return NotImplemented
 
     def load_defended(self, folder, model_spec, device, dtype):
-        """Load what ``save_defended`` wrote; returns ``(model, tokenizer)``."""
-        from harness.lib.models import load_model
-
-        model, tokenizer, _ = load_model(model_spec, source=_LOCAL_SOURCE(folder), device=device, dtype=dtype,
-                                         path=str(folder))
-        return model, tokenizer
+        """Load what ``save_defended`` wrote; returns ``(model, tokenizer)``. Returning
+        ``NotImplemented`` (this default) asks the pipeline to load ``folder`` as an ordinary
+        checkpoint (``harness.lib.models.load_checkpoint``)."""
+        return NotImplemented
 
 
 class Attack(Component):
@@ -231,14 +231,3 @@ class DatasetLoader(Component):
     def describe_source(self) -> str:
         return self.registry_name
 
-
-def _LOCAL_SOURCE(folder):
-    from harness.lib.models import ModelSource
-
-    return ModelSource(id=str(folder), source="local", path=str(folder))
-
-
-def save_defended_default(model, tokenizer, folder, meta=None):
-    from harness.lib.checkpoints import save_model
-
-    return save_model(model, tokenizer, folder, meta=meta)

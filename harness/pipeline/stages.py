@@ -39,7 +39,7 @@ from harness.lib.store import atomic_write_bytes
 from harness.pipeline.criteria import criteria
 from harness.pipeline.evaluation import (base_extras_path, cached_json, evaluate_model, pre_attack_path,
                                          prepare_data)
-from harness.pipeline.state import Trial
+from harness.pipeline.state import Trial, load_defended
 
 log = logging.getLogger("harness.pipeline")
 
@@ -64,10 +64,11 @@ def data(t: Trial) -> None:
 
 def base_extras(t: Trial) -> None:
     """The extra evaluations (capability, trainability) of the undefended base model: the
-    reference of the stability/trainability criteria. Cached per base model and eval settings."""
+    reference of the stability/trainability criteria. Cached per base model, eval settings, seed and
+    eval data (``base_extras_path``)."""
     if not t.comp.extras or t.spec.defence.name == "none":
         return
-    path = base_extras_path(t.paths.checkpoints, t.base.info(), t.spec)
+    path = base_extras_path(t.comp, t.paths.checkpoints, t.base.info(), t.record.data)
     ctx = t.ctx.child("base")
     t.base_extras = cached_json(path, lambda: {n: e.evaluate_on(*t.base_model(), t.parts["eval"], ctx)
                                                 for n, e in t.comp.extras.items()})
@@ -86,7 +87,7 @@ def defence(t: Trial) -> None:
     if is_complete(folder):
         log.info("defence %s: reusing checkpoint %s", spec.defence.name, folder)
         t.base.release()
-        t.use_loader(lambda: comp.defence.load_defended(folder, spec.model, t.device, t.dtype))
+        t.use_loader(lambda: load_defended(comp.defence, folder, spec.model, t.device, t.dtype))
         train, reused = read_marker(folder).get("train"), True
     else:
         model, tokenizer = t.base_model()
