@@ -10,11 +10,12 @@ import logging
 from typing import Any, Iterable, Optional, Sequence
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from harness.api.components import DatasetRef, Example, TrainConfig
 from harness.api.errors import DataError
-from harness.lib.text import RESPONSE_SEPARATOR, LossOn, batches, paired_batch, prompt_token_lengths, sft_batch
+from harness.lib.text import (PROMPT_TEMPLATE, RESPONSE_SEPARATOR, LossOn, batches, paired_batch, prompt_token_lengths,
+                               sft_batch)
 
 log = logging.getLogger(__name__)
 
@@ -25,15 +26,31 @@ class DataDefenceConfig(TrainConfig):
     """Training hyper-parameters of a defence that reads data (defaults: the RepNoise paper's
     defence stage: lr 2e-5, Adam, cosine, 10% warm-up, batch 8, 1 epoch, 256 tokens, 10k pairs of
     BeaverTails ``30k_train``). The drawn examples are shuffled (seeded) before batching unless
-    ``shuffle: false`` (the authors' order); ``separator`` joins ``Answer:`` and the answer text
-    (``""`` in the authors' code)."""
+    ``shuffle: false`` (the authors' order). The training text is ``template`` with the question
+    in ``{prompt}``, then ``separator``, then the answer (the paper's ``Question: ...\nAnswer:``;
+    ``separator`` is ``""`` in the authors' code); a preset that attacks and evaluates with a chat
+    template sets the same template here (``defence_defaults``)."""
 
     lr: float = Field(2e-5, gt=0)
     batch_size: int = Field(8, gt=0)
     samples: int = Field(10000, gt=0)
     dataset: DatasetRef = PAPER_DATASET
     shuffle: bool = True
+    template: str = PROMPT_TEMPLATE
     separator: str = RESPONSE_SEPARATOR
+
+    @field_validator("template")
+    @classmethod
+    def _template_has_the_question(cls, value: str) -> str:
+        """A template the text builders can fill: ``{prompt}`` once or more, no other field."""
+        try:
+            value.format(prompt="")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"holds a field other than {{prompt}} ({exc}); write {{{{ and }}}} for literal "
+                             "braces") from None
+        if "{prompt}" not in value:
+            raise ValueError("must contain {prompt} (where the question goes)")
+        return value
 
 
 class SFTDefenceConfig(DataDefenceConfig):
@@ -84,23 +101,24 @@ def to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]
 
 
 def make_paired_batches(tokenizer, data: Sequence[Example], batch_size: int, max_length: int,
-                        device: Optional[torch.device] = None,
-                        separator: str = RESPONSE_SEPARATOR) -> list[tuple[dict, dict]]:
+                        device: Optional[torch.device] = None, separator: str = RESPONSE_SEPARATOR,
+                        template: str = PROMPT_TEMPLATE) -> list[tuple[dict, dict]]:
     """``(harmful, harmless)`` dicts per batch, as ``harness.lib.text.paired_batch`` builds them
     (right padding with pad = eos to one common length), plus ``prompt_lengths`` (tokens of the
-    formatted question, for the response-only masks of the corrected losses)."""
+    question formatted with ``template``, for the response-only masks of the corrected losses)."""
     out = []
     for chunk in batches(list(data), batch_size):
         prompts = [ex.prompt for ex in chunk]
         harmful, harmless = paired_batch(tokenizer, prompts, [ex.response for ex in chunk],
-                                         [ex.refusal for ex in chunk], max_length, separator=separator)
+                                         [ex.refusal for ex in chunk], max_length, separator=separator,
+                                         template=template)
         if torch.equal(harmful["input_ids"], harmless["input_ids"]):
             # every pair identical after truncation (long questions, short max_length): no position
             # differs, every masked CE would be 0/0 = NaN. Skip the batch and say so.
             log.warning("paired batch of %d skipped: harmful and harmless texts are identical within "
                         "max_length=%d tokens (questions longer than the context?)", len(chunk), max_length)
             continue
-        lengths = torch.tensor(prompt_token_lengths(tokenizer, prompts))
+        lengths = torch.tensor(prompt_token_lengths(tokenizer, prompts, template))
         harmful["prompt_lengths"] = lengths
         harmless["prompt_lengths"] = lengths.clone()
         if device is not None:
@@ -114,14 +132,14 @@ def make_paired_batches(tokenizer, data: Sequence[Example], batch_size: int, max
 
 def make_sft_batches(tokenizer, data: Sequence[Example], field: str, batch_size: int, max_length: int,
                      device: Optional[torch.device] = None, loss_on: LossOn = "response",
-                     separator: str = RESPONSE_SEPARATOR) -> list:
-    """Causal-LM batches of ``question + example.<field>``: the loss on the answer tokens
+                     separator: str = RESPONSE_SEPARATOR, template: str = PROMPT_TEMPLATE) -> list:
+    """Causal-LM batches of ``template(question) + separator + example.<field>``: the loss on the answer tokens
     (``loss_on="response"``), or, as the authors' baselines train, on the whole text padded with
     EOS to ``max_length`` (``loss_on="all"``; labels = input ids, see ``harness.lib.text.sft_batch``)."""
     out = []
     for chunk in batches(list(data), batch_size):
         b = sft_batch(tokenizer, [ex.prompt for ex in chunk], [getattr(ex, field) for ex in chunk], max_length,
-                      loss_on=loss_on, separator=separator)
+                      loss_on=loss_on, template=template, separator=separator)
         out.append(b.to(device) if device is not None else b)
     return out
 

@@ -35,7 +35,7 @@ class AdversarialLoss(Defence):
         cfg = self.config
         data = require(data, ("response", "refusal"), "adversarial_loss")
         pairs = make_paired_batches(tokenizer, training_order(data, cfg, ctx), cfg.batch_size, cfg.max_length,
-                                    device=model_device(model), separator=cfg.separator)
+                                    device=model_device(model), separator=cfg.separator, template=cfg.template)
 
         def loss_fn(m, batch):
             harmful_ce, harmless_ce = difference_ce(m, batch[0], batch[1], variant=cfg.variant)

@@ -40,7 +40,7 @@ class GradientAscent(Defence):
         data = require(data, ("response", "refusal") if retain else ("response",), "gradient_ascent")
         data = training_order(data, cfg, ctx)
         device = model_device(model)
-        text = dict(device=device, loss_on=cfg.loss_on, separator=cfg.separator)
+        text = dict(device=device, loss_on=cfg.loss_on, separator=cfg.separator, template=cfg.template)
         harmful = make_sft_batches(tokenizer, data, "response", cfg.batch_size, cfg.max_length, **text)
         refusals = (make_sft_batches(tokenizer, data, "refusal", cfg.batch_size, cfg.max_length, **text)
                     if retain else [None] * len(harmful))

@@ -596,7 +596,7 @@ class RepNoise(Defence):
         data = require(data, ("response", "refusal"), "repnoise")
         device = model_device(model)
         pairs = make_paired_batches(tokenizer, training_order(data, cfg, ctx), cfg.batch_size, cfg.max_length,
-                                    device=device, separator=cfg.separator)
+                                    device=device, separator=cfg.separator, template=cfg.template)
         noise_gen = torch.Generator(device=device).manual_seed(ctx.seed + 1)
 
         with capture_mlp_outputs(model) as hooks:

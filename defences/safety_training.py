@@ -33,6 +33,6 @@ class SafetyTraining(Defence):
         data = require(data, ("refusal",), "safety_training")
         batches = make_sft_batches(tokenizer, training_order(data, cfg, ctx), "refusal", cfg.batch_size,
                                    cfg.max_length, device=model_device(model), loss_on=cfg.loss_on,
-                                   separator=cfg.separator)
+                                   separator=cfg.separator, template=cfg.template)
         train_loop(model, batches, cfg, ctx, loss_fn=lm_loss, desc="safety_training")
         return model

@@ -30,8 +30,11 @@ from pydantic import Field
 from defences._common import SFTDefenceConfig, lm_loss, make_sft_batches, model_device, require, training_order
 from harness.api.components import Defence
 from harness.api.errors import ConfigError
-from harness.lib.layers import UnsupportedArchitecture, _arch
 from harness.api.registry import DEFENCES
+from harness.lib.checkpoints import MARKER
+from harness.lib.layers import UnsupportedArchitecture, _arch
+from harness.lib.models import load_checkpoint
+from harness.lib.store import atomic_write_json
 from harness.lib.training import train_loop
 
 ADAPTER_DIR = "security_vector"
@@ -110,7 +113,7 @@ class SecurityVectors(Defence):
         data = require(data, ("response",), "security_vectors")
         batches = make_sft_batches(tokenizer, training_order(data, cfg, ctx), "response", cfg.batch_size,
                                    cfg.max_length, device=model_device(model), loss_on=cfg.loss_on,
-                                   separator=cfg.separator)
+                                   separator=cfg.separator, template=cfg.template)
         peft_model = self._wrap(model)
         train_loop(peft_model, batches, cfg, ctx, loss_fn=lm_loss, params=adapter_parameters(peft_model),
                    desc="security_vectors")
@@ -135,9 +138,6 @@ class SecurityVectors(Defence):
         then the completion marker (written last, as ``harness.lib.checkpoints.save_model`` does)."""
         from peft import PeftModel
 
-        from harness.lib.checkpoints import MARKER
-        from harness.lib.store import atomic_write_json
-
         if not isinstance(model, PeftModel):
             raise ConfigError("security_vectors: save_defended needs the model apply() returned (a PeftModel)")
         folder = Path(folder)
@@ -158,9 +158,7 @@ class SecurityVectors(Defence):
 
     def load_defended(self, folder, model_spec, device, dtype):
         """The base checkpoint with the security vector attached again (active, frozen)."""
-        from peft import PeftModel
-
-        base, tokenizer = super().load_defended(folder, model_spec, device, dtype)
+        base, tokenizer = load_checkpoint(model_spec, folder, device, dtype)
         return self.attach(base, Path(folder) / ADAPTER_DIR), tokenizer
 
     @staticmethod

@@ -122,7 +122,7 @@ class Vaccine(Defence):
         data = require(data, (cfg.train_on,), "vaccine")
         batches = make_sft_batches(tokenizer, training_order(data, cfg, ctx), cfg.train_on, cfg.batch_size,
                                    cfg.max_length, device=model_device(model), loss_on=cfg.loss_on,
-                                   separator=cfg.separator)
+                                   separator=cfg.separator, template=cfg.template)
         with OutputHooks(model, cfg.perturb) as hooks:
             def step(m, batch, scale):
                 hooks.mode = "record"

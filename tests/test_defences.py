@@ -262,6 +262,59 @@ def test_baseline_loss_on_all_counts_the_whole_padded_text(tiny):
     assert int((resp.labels != -100).sum()) < int((full.labels != -100).sum())
 
 
+class _Captured(Exception):
+    pass
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if "template" in DEFENCES.get(n).Config.model_fields])
+def test_defence_trains_on_the_configured_template(name, tiny, monkeypatch):
+    """``template`` and ``separator`` shape the text every data defence trains on (a preset that
+    attacks with a chat template trains its defences on the same text); the question's tokens
+    (response-only masks, RepNoise's ``prompt_lengths``) are counted in that template."""
+    import importlib
+
+    from harness.lib.text import encode
+
+    model, tok = tiny
+    cls = DEFENCES.get(name)
+    template, separator = "<<user>> {prompt} <<bot>>", " ~ "
+    cfg = cls.Config(samples=4, batch_size=4, max_length=128, template=template, separator=separator)
+    captured = []
+
+    def capture(model, batches, *args, **kwargs):
+        captured.extend(batches)
+        raise _Captured
+
+    monkeypatch.setattr(importlib.import_module(cls.__module__), "train_loop", capture)
+    data = examples(4)
+    with pytest.raises(_Captured):
+        cls(cfg).apply(model, tok, data, ctx())
+    first = captured[0]
+    first = first[0] if isinstance(first, tuple) else first  # paired (harmful, harmless) or (harm, refusal)
+    paired = isinstance(first, dict)
+    ids, masks = (first["input_ids"], first["attention_mask"]) if paired else (first.input_ids, first.attention_mask)
+    texts = [tok.decode(row[mask.bool()]) for row, mask in zip(ids, masks)]
+    prompts = [text.split("<<user>> ", 1)[1].split(" <<bot>>", 1)[0] for text in texts if "<<user>> " in text]
+    assert len(prompts) == len(texts) == 4, texts
+    for text, prompt in zip(texts, prompts):
+        assert prompt in {ex.prompt for ex in data}, text
+        assert text.startswith(template.format(prompt=prompt) + separator), text
+        assert "Question:" not in text and "Answer:" not in text
+    lengths = [len(encode(tok, template.format(prompt=p))) for p in prompts]
+    if paired:  # the masks of the corrected losses count the templated question's tokens
+        assert first["prompt_lengths"].tolist() == lengths
+    else:  # response-only loss: exactly the templated question is masked out
+        assert [int((row[mask.bool()] == -100).sum()) for row, mask in zip(first.labels, masks)] == lengths
+
+
+def test_defence_template_must_hold_the_question():
+    cls = DEFENCES.get("repnoise")
+    with pytest.raises(ValidationError, match="must contain {prompt}"):
+        cls.Config(template="Question: Answer:")
+    with pytest.raises(ValidationError, match="other than {prompt}"):
+        cls.Config(template="{prompt} {answer}")
+
+
 def test_vaccine_perturbation_has_norm_rho():
     from defences.vaccine import perturbations
 
@@ -325,9 +378,9 @@ def test_security_vectors_lifecycle(tiny, tiny_dir, tmp_path):
 def test_security_vectors_save_and_load(tiny, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from defences import security_vectors
     from defences.security_vectors import ADAPTER_DIR, SecurityVectors, adapter_parameters, set_adapter_enabled
     from harness.lib.checkpoints import is_complete
-    from harness.api.components import Defence
 
     model, tok = tiny
     sv = SecurityVectors(SecurityVectors.Config(samples=4, batch_size=4, lr=1e-2, epochs=3))
@@ -349,10 +402,10 @@ def test_security_vectors_save_and_load(tiny, tmp_path, monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(plain(**inputs).logits, off)
 
-    def fake_base_load(self, folder, model_spec, device, dtype):  # what Defence.load_defended returns
+    def fake_base_load(model_spec, folder, device, dtype):  # what lib.models.load_checkpoint returns
         return AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
 
-    monkeypatch.setattr(Defence, "load_defended", fake_base_load)
+    monkeypatch.setattr(security_vectors, "load_checkpoint", fake_base_load)
     loaded, _ = sv.load_defended(folder, None, torch.device("cpu"), torch.float32)
     loaded.eval()
     assert all(not p.requires_grad for p in adapter_parameters(loaded))
