@@ -2,7 +2,10 @@
 
 ``Baseline`` reads and writes that file (the format is unchanged since the first release: ``schema``
 1, then provenance, ``cells`` and ``metrics``; a file that is not such a baseline is a one-line
-``ConfigError`` naming it). ``MetricStats`` is one metric of one cell over seeds, ``CellMetrics`` all
+``ConfigError`` naming it). A baseline that cannot be compared with a run of a suite is an error, never
+a pass: ``Baseline.check(suite)`` refuses one of another suite, one without metrics, one whose cells
+or metrics name no cell of the suite; ``MetricStats`` refuses a mean, std or value that is not a
+finite number (NaN, inf, a string), a negative std and ``n`` < 1. ``MetricStats`` is one metric of one cell over seeds, ``CellMetrics`` all
 metrics of one cell, as a run measures them and as a baseline holds them.
 """
 
@@ -14,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError, model_validator
 
 from harness.api.errors import ConfigError
 from leaderboards.suite import Suite
@@ -27,12 +30,18 @@ class MetricStats(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    mean: float
-    std: float = 0.0
-    n: int = 1
-    values: list[float] = Field(default_factory=list)
+    mean: FiniteFloat
+    std: FiniteFloat = Field(0.0, ge=0.0)
+    n: int = Field(1, ge=1)
+    values: list[FiniteFloat] = Field(default_factory=list)
     hint: Optional[str] = None
     """Direction hint from the record (lm-eval's ``higher_is_better: false`` -> ``higher_is_worse``)."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "MetricStats":
+        if self.values and len(self.values) != self.n:
+            raise ValueError(f"n = {self.n} but {len(self.values)} value(s) are listed")
+        return self
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(exclude={"hint"} if self.hint is None else set())
@@ -104,12 +113,36 @@ class Baseline(BaseModel):
     def read(cls, path: str | Path) -> "Baseline":
         path = Path(path)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constant)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"baseline {path} is not valid JSON: {exc}") from None
+        except ValueError as exc:  # NaN / Infinity literals
+            raise ConfigError(f"baseline {path}: {exc}") from None
         except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"baseline {path} cannot be read: {exc}") from None
+            raise ConfigError(f"baseline {path} cannot be read: "
+                              f"{getattr(exc, 'strerror', None) or exc}") from None
         return cls.from_json(data, where=f"baseline {path}")
+
+    def check(self, suite: Suite, where: str = "baseline") -> "Baseline":
+        """Raise ``ConfigError`` (one line naming ``where``) unless this baseline can be compared with
+        a run of ``suite``: made for that suite, with metrics, every metric in a cell of the suite."""
+        if self.suite is not None and self.suite != suite.name:
+            raise ConfigError(f"{where}: made for suite {self.suite!r}, not {suite.name!r}; use that suite's "
+                              f"baseline or remake it with --update-baseline")
+        if not self.metrics:
+            raise ConfigError(f"{where}: holds no metrics: nothing to compare with (remake it with --update-baseline)")
+        names = {t.name for t in suite.trials}
+        foreign = sorted(set(self.cells) - names)
+        if foreign:
+            raise ConfigError(f"{where}: cell(s) {', '.join(foreign)} are not in suite {suite.name!r} (cells: "
+                              f"{', '.join(sorted(names))}); the baseline is of another version of the suite: "
+                              "remake it with --update-baseline")
+        known = set(self.cells) | names
+        stray = sorted(k for k in self.metrics if cell_of(k, known) not in names or "/" not in k)
+        if stray:
+            raise ConfigError(f"{where}: metric(s) {', '.join(stray[:3])}{' ...' if len(stray) > 3 else ''} "
+                              f"name no cell of suite {suite.name!r}; remake it with --update-baseline")
+        return self
 
     def to_json(self) -> dict[str, Any]:
         out = self.model_dump(by_alias=True, exclude={"metrics"})
@@ -143,6 +176,10 @@ class Baseline(BaseModel):
             if stats.hint:
                 info.hints[metric] = stats.hint
         return out
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"holds {name}, not a number: a baseline that cannot be compared (remake it with --update-baseline)")
 
 
 def cell_of(key: str, cells: Any) -> str:

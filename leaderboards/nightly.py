@@ -12,7 +12,9 @@ rouge2|rougeL``, ``criteria/resistance/increase``, ``criteria/stability/mean_gai
 ``criteria/trainability/rougeL_delta``, ``train/<stage>/final_loss``, ``.../frac_empty``.
 
 Tolerance: ``tol = max(abs, k_std * std)``, where ``std`` is the sample std over the baseline's
-seeds (0 with one seed, so only ``abs`` applies). ``change = value - baseline mean``.
+seeds (0 with one seed, so only ``abs`` applies). ``change = value - baseline mean``; a change of
+exactly ``tol`` passes (up to a relative rounding slack of ``ROUNDING``), anything past it does not.
+A run in which no metric was compared (``compared`` = 0) fails.
 
 Direction (what counts as a regression):
 
@@ -43,7 +45,7 @@ from harness.api.record import TrialRecord
 from leaderboards.baseline import Baseline, CellMetrics, MetricStats, cell_of, summarize
 from leaderboards.suite import Suite
 
-__all__ = ["Baseline", "CellMetrics", "CellResult", "Comparison", "DEFAULT_RULES", "MetricStats", "compare",
+__all__ = ["Baseline", "CellMetrics", "CellResult", "Comparison", "DEFAULT_RULES", "MetricStats", "compare", "compared",
            "record_metrics", "regression_lines", "render_report", "rule_for", "summarize"]
 
 # match: glob over the metric path; defence / cell: globs (default "*"); tried after the suite's rules.
@@ -195,6 +197,17 @@ class Comparison:
         return self.verdict in ("REGRESSION", "MISSING")
 
 
+ROUNDING = 1e-9
+"""Relative slack on the tolerance, so a change exactly at it (0.15 - 0.10 vs 0.05) is not a regression
+because of floating-point rounding."""
+
+
+def compared(comps: Sequence[Comparison]) -> int:
+    """How many metrics were really compared against a baseline value (not ``new`` nor ``info``); a run
+    that compares none cannot pass."""
+    return sum(1 for c in comps if c.verdict in ("ok", "REGRESSION", "improved", "MISSING"))
+
+
 def compare(current: dict[str, CellMetrics], baseline: Baseline, suite: Suite) -> list[Comparison]:
     """Every metric of the run (``{cell: CellMetrics}``) against the baseline."""
     out = []
@@ -222,9 +235,11 @@ def compare(current: dict[str, CellMetrics], baseline: Baseline, suite: Suite) -
             verdict = "info" if direction == "info" else "MISSING"
         else:
             change = value - base.mean
-            worse = {"higher_is_worse": change > tol, "lower_is_worse": change < -tol,
-                     "both": abs(change) > tol, "info": False}[direction]
-            better = {"higher_is_worse": change < -tol, "lower_is_worse": change > tol,
+            # a change exactly at the tolerance passes; the rounding of the subtraction is no change
+            slack = tol + ROUNDING * max(1.0, abs(value), abs(base.mean))
+            worse = {"higher_is_worse": change > slack, "lower_is_worse": change < -slack,
+                     "both": abs(change) > slack, "info": False}[direction]
+            better = {"higher_is_worse": change < -slack, "lower_is_worse": change > slack,
                       "both": False, "info": False}[direction]
             verdict = "REGRESSION" if worse else "improved" if better else "info" if direction == "info" else "ok"
         out.append(Comparison(key, cell, metric, value, base, direction, tol, rule, verdict))
@@ -288,6 +303,9 @@ def render_report(suite: Suite, comps: Sequence[Comparison], cells: dict[str, Ce
     lines = [f"# Nightly regression report: suite `{suite.name}`", ""]
     if updated:
         verdict = f"**BASELINE UPDATED** — {baseline_path} now holds the metrics of this run."
+    elif not updated and baseline is not None and not compared(comps):
+        verdict = (f"**FAIL** — no metric of this run could be compared with the baseline; "
+                   f"{len(failed)} failed trial(s).")
     elif regressions or failed:
         verdict = (f"**FAIL** — {len(regressions)} regression(s) in {len(checked)} compared metric(s); "
                    f"{len(failed)} failed trial(s).")

@@ -6,6 +6,7 @@ depends on no defence of ``defences/``: ``test_refusal_sft`` is defined here.
 
     python tests/fault_driver.py run    --dir D --model TINY [--fault POINT:K]
     python tests/fault_driver.py resume --model TINY D1 D2 ...
+    python tests/fault_driver.py cli [--pause-at STAGE --ready F --go F] [--fail-at STAGE] -- run ...
 
 Each scenario folder ``D`` holds ``results/`` (records, samples, ``results/checkpoints/``) and
 ``cache/`` (``HARNESS_CACHE``). ``run`` writes ``D/trace.json``: the instrumented events in the
@@ -200,7 +201,8 @@ def untrusted_files(results: Path) -> list[str]:
     ck_root = results / "checkpoints"
     if ck_root.exists():
         for folder in ck_root.iterdir():
-            if folder.is_dir() and ".partial-" not in folder.name and not (folder / ".complete").exists():
+            if (folder.is_dir() and ".partial-" not in folder.name and folder.name != ".locks"  # lock files: not outputs
+                    and not (folder / ".complete").exists()):
                 out.update(str(p) for p in folder.rglob("*") if p.is_file())
     return sorted(out)
 
@@ -371,6 +373,31 @@ def cmd_resume(args) -> int:
     return 0
 
 
+def cmd_cli(args) -> int:
+    """``harness`` itself (``harness.cli.main``) with the test defence registered; ``--pause-at STAGE``
+    writes ``--ready`` when STAGE starts and waits there until ``--go`` exists (a test sends its signal
+    meanwhile); ``--fail-at STAGE`` raises there."""
+    setup_process()
+    from harness.cli.main import main as harness_main
+    from harness.pipeline import stages
+
+    def wrap(stage):
+        def run(t):
+            if stage.name == args.pause_at:
+                Path(args.ready).write_text(str(os.getpid()))
+                while not (args.go and Path(args.go).exists()):
+                    import time
+
+                    time.sleep(0.05)
+            if stage.name == args.fail_at:
+                raise RuntimeError(f"fault_driver: failure injected in {stage.name}")
+            return stage.run(t)
+        return dataclasses.replace(stage, run=run)
+
+    stages.STAGES = tuple(wrap(s) for s in stages.STAGES)
+    return harness_main(args.argv)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -389,7 +416,16 @@ def main(argv=None) -> int:
     c.add_argument("--jobs", type=int, default=2)
     c.add_argument("chains", nargs="+", help="'all', or chains like optimizer_step:2 or rename:1+generate_batch:3")
     c.set_defaults(func=cmd_campaign)
+    h = sub.add_parser("cli", help="harness ARGV... with the test defence, optionally paused or failing at a stage")
+    h.add_argument("--pause-at")
+    h.add_argument("--ready")
+    h.add_argument("--go")
+    h.add_argument("--fail-at")
+    h.add_argument("argv", nargs=argparse.REMAINDER)
+    h.set_defaults(func=cmd_cli)
     args = p.parse_args(argv)
+    if getattr(args, "argv", None) and args.argv[0] == "--":
+        args.argv = args.argv[1:]
     return args.func(args)
 
 

@@ -297,12 +297,16 @@ class TrialRecord(_Closed):
             raise RecordError(f"{where}: schema version {version} is newer than this harness reads "
                               f"({SCHEMA_VERSION}); upgrade ftdefence-harness to read it")
         data = dict(data)
+        original = data["schema_version"]
         while data["schema_version"] < SCHEMA_VERSION:
             step = MIGRATIONS.get(data["schema_version"])
             if step is None:
                 raise RecordError(f"{where}: schema version {data['schema_version']} cannot be migrated "
                                   f"(known: {sorted(MIGRATIONS)} -> {SCHEMA_VERSION}); rerun the trial")
             data = step(data)
+        if original < SCHEMA_VERSION and isinstance(data.get("notes", []), list):  # said, never silent
+            data["notes"] = [*data.get("notes", []), f"record: read from schema version {original}, "
+                                                     f"migrated to {SCHEMA_VERSION}"]
         try:
             return cls.model_validate(data)
         except ValidationError as exc:

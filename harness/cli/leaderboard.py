@@ -31,6 +31,10 @@ def cmd_leaderboard(args) -> int:
     records = load_records(results, errors)
     for line in unreadable_lines(errors):
         print(f"warning: not in the tables: {results / line}", file=sys.stderr)
+    from harness.sweep.status import record_warnings  # dead 'running' records, mixed schema versions
+
+    for line in record_warnings(records, results):
+        print(f"warning: {line}", file=sys.stderr)
     if not records:
         print(f"warning: no records in {results}", file=sys.stderr)
     if args.examples < 0:

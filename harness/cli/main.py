@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 
 from harness.api.errors import HarnessError
 from harness.api.secrets import RedactingFilter, redact
+from harness.lib.interrupts import Interrupted, exit_code, raise_on_signals
 
 log = logging.getLogger("harness")
 
@@ -115,10 +116,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     try:
-        return int(args.func(args) or 0)
+        with raise_on_signals():  # SIGINT/SIGTERM: one line and 130/143 (docs/reliability.md), no traceback
+            return int(args.func(args) or 0)
     except HarnessError as exc:
         print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:
+        print(f"interrupted: {exc if isinstance(exc, Interrupted) else 'by SIGINT'} (exit {exit_code(exc)})",
+              file=sys.stderr)
+        return exit_code(exc)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -14,16 +14,20 @@ few steps to answer every prompt of that inline dataset with its refusal: a "saf
 tiny model whose harmfulness starts at 0 and can only go up, so that a weaker defence or a stronger
 attack shows. It is cached under ``$HARNESS_CACHE/nightly-models/<hash>``.
 
-Exit status: 0 when nothing regressed, 1 on a regression or a failed trial, 2 on a usage error (no
-baseline, unknown suite). ``--update-baseline`` writes the run's metrics as the new baseline on
+Exit status: 0 when nothing regressed, 1 on a regression, a failed trial or a run in which no
+metric could be compared, 2 on a usage error (no baseline, unknown suite, a baseline that cannot be
+compared: NaN or missing numbers, no metrics, another suite; an unwritable --baseline or --output),
+checked before any trial runs. ``--update-baseline`` writes the run's metrics as the new baseline on
 purpose (refused when a trial failed).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
+import os
 import random
 import re
 import shutil
@@ -48,7 +52,7 @@ from harness.lib.text import sft_batch
 from harness.lib.tiny import build_tiny
 from harness.pipeline.trial import run_trial
 from leaderboards.baseline import Baseline
-from leaderboards.nightly import CellResult, Comparison, compare, render_report
+from leaderboards.nightly import CellResult, Comparison, compare, compared, render_report
 from leaderboards.render import write_leaderboard
 from leaderboards.suite import Suite, SuiteTrial, data_rows, load_suite
 
@@ -218,6 +222,25 @@ def default_baseline(suite: Suite) -> Path:
     return BASELINE_DIR / f"{suite.name}.json"
 
 
+def check_baseline(suite: Suite, path: Path, update: bool) -> Optional[Baseline]:
+    """The baseline to compare with, validated against ``suite`` (``None`` with ``update``: then the
+    path must be writable). One-line ``ConfigError`` otherwise; called before any trial runs."""
+    if update:
+        if path.is_dir():
+            raise ConfigError(f"--baseline {str(path)!r} is a directory; name the JSON file to write")
+        parent = path.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK) or (
+                path.exists() and not os.access(path, os.W_OK)):
+            raise ConfigError(f"--baseline {str(path)!r}: cannot be written ({parent} is not a writable folder)")
+        return None
+    if not path.exists():
+        raise ConfigError(f"no baseline for suite {suite.name!r} at {path}; create it on purpose with "
+                          f"`harness nightly --suite {suite.name} --update-baseline`")
+    return Baseline.read(path).check(suite, where=f"baseline {path}")
+
+
 def not_started(spec: RunSpec, exc: Exception) -> TrialRecord:
     """The record of a trial that could not even start: a failed trial, not a crash of the suite."""
     attack = ATTACKS.get(spec.attack.name)
@@ -233,13 +256,14 @@ def run_suite(suite_name: str, output: str | Path | None = None, *, baseline_pat
     suite = load_suite(suite_name)
     output = Path(output) if output else Path("results") / "nightly" / suite.name
     baseline_path = Path(baseline_path) if baseline_path else default_baseline(suite)
-    baseline = None
-    if not update_baseline:
-        if not baseline_path.exists():
-            raise ConfigError(f"no baseline for suite {suite.name!r} at {baseline_path}; create it on purpose with "
-                              f"`harness nightly --suite {suite.name} --update-baseline`")
-        baseline = Baseline.read(baseline_path)
-    output.mkdir(parents=True, exist_ok=True)
+    baseline = check_baseline(suite, baseline_path, update_baseline)  # before any trial runs
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        if not os.access(output, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, "permission denied")
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--output {str(output)!r}: cannot write the run folder there "
+                          f"({getattr(exc, 'strerror', None) or exc})") from None
     model_ids: dict[str, str] = {}
     plan = suite_specs(suite, extra_sets, model, model_ids)
 
@@ -291,7 +315,7 @@ def run_suite(suite_name: str, output: str | Path | None = None, *, baseline_pat
         comps = compare(current, baseline, suite)
         report = render_report(suite, comps, cells, baseline_path=baseline_path, baseline=baseline, env=env,
                                extra_sets=extra_sets, model=model_text, seconds=seconds)
-        code = 1 if (failed or any(c.regression for c in comps)) else 0
+        code = 1 if (failed or any(c.regression for c in comps) or not compared(comps)) else 0
     report_path = output / "report.md"
     atomic_write_bytes(report_path, report.encode())
     if leaderboard:
