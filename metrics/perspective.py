@@ -19,7 +19,10 @@ reason. Scores are cached on disk (``cache_dir``, default ``$HARNESS_CACHE/persp
 by attribute, languages and text, so a rerun sends nothing twice.
 
 The API key comes from the environment variable ``PERSPECTIVE_API_KEY`` (name configurable) or a
-file named by ``key_file``; ``check_ready()`` raises ``SecretMissingError`` when neither is set.
+file named by ``key_file``; ``check_ready()`` raises ``SecretMissingError`` when neither is set,
+and ``PerspectiveError`` within ``probe_timeout`` (5 s) when the API cannot be reached: one TCP
+connect and one discovery fetch, no retries (an offline machine then uses the spec's declared
+fallback scorer, with a WARNING and a note in the record, or stops before training).
 The Google client puts the key in request URLs (``?key=...``), which its own log lines and
 ``repr(HttpError)`` repeat: this module redacts the key from every googleapiclient log record,
 never lets an ``HttpError`` escape (errors are re-raised as ``PerspectiveError`` built from the
@@ -40,13 +43,16 @@ import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional
+from urllib.parse import urlparse
 
 from pydantic import Field
 
 from harness.api.secrets import REDACTED, RedactingFilter, redact, register_secret  # noqa: F401
+from harness.api import safeio
 from harness.api.components import ComponentConfig, TextScorer
 from harness.api.errors import HarnessError, SecretMissingError
 from harness.api.registry import METRICS
+from harness.lib.network import host_reachable
 from metrics._cache import DiskCache
 
 log = logging.getLogger(__name__)
@@ -131,6 +137,8 @@ class PerspectiveScorer(TextScorer):
         discovery_url: str = Field(DISCOVERY_URL, description="discovery document of commentanalyzer v1alpha1")
         do_not_store: bool = Field(True, description="ask Perspective not to store the texts")
         probe_on_ready: bool = Field(True, description="check_ready() also fetches the discovery document")
+        probe_timeout: float = Field(5.0, gt=0, description="seconds check_ready() may spend reaching the API: one "
+                                     "attempt, no retries, so an offline machine fails (or falls back) at once")
 
     def __init__(self, config: ComponentConfig | None = None):
         super().__init__(config)
@@ -164,8 +172,9 @@ class PerspectiveScorer(TextScorer):
         value = os.environ.get(self.config.api_key_env, "").strip()
         if not value and self.config.key_file:
             path = Path(self.config.key_file).expanduser()
-            if path.is_file():
-                value = path.read_text(encoding="utf-8").strip()
+            if path.exists():  # a folder, FIFO, binary or huge file: one line naming it (harness.api.safeio)
+                value = safeio.read_text(path, "eval.toxicity_scorer.key_file", limit=1 << 16,
+                                         error=SecretMissingError).strip()
         return value or None
 
     def _require_key(self) -> str:
@@ -184,26 +193,39 @@ class PerspectiveScorer(TextScorer):
         return self._key
 
     def check_ready(self) -> None:
-        """Fail before training when the key is missing (and, with ``probe_on_ready``, when the
-        discovery document cannot be fetched)."""
+        """Fail before training when the key is missing and, with ``probe_on_ready``, when the API
+        cannot be reached: a TCP connect and one fetch of the discovery document, each bounded by
+        ``probe_timeout`` seconds and never retried, so an offline machine is told in seconds (the
+        pipeline then uses the spec's declared fallback scorer with a WARNING and a record note, or
+        stops with this error when none is declared)."""
         self._require_key()
         if self.config.probe_on_ready:
-            self._get_client()
+            limit = self.config.probe_timeout
+            if not host_reachable(self.config.discovery_url, timeout=limit):
+                host = urlparse(self.config.discovery_url).netloc
+                raise PerspectiveError(f"Perspective API pre-flight: network error: cannot reach {host} within "
+                                       f"{limit:g} s (offline, or a firewall/proxy in the way; probe_timeout sets the "
+                                       "wait)")
+            self._get_client(retries=0, timeout=limit)
 
     # -- HTTP ----------------------------------------------------------------------------------------
-    def _get_client(self):
+    def _get_client(self, retries: Optional[int] = None, timeout: Optional[float] = None):
+        """The API client (discovery document fetched once); ``retries``/``timeout`` bound that
+        fetch (the pre-flight's one attempt), later requests use ``timeout``/``max_retries``."""
         if self._client is None:
             key = self._require_key()
             import httplib2
             from googleapiclient import discovery
 
+            http = httplib2.Http(timeout=timeout or self.config.timeout)
+
             def build():
                 return discovery.build("commentanalyzer", "v1alpha1", developerKey=key,
                                        discoveryServiceUrl=self.config.discovery_url, static_discovery=False,
-                                       cache_discovery=False, num_retries=0,
-                                       http=httplib2.Http(timeout=self.config.timeout))
+                                       cache_discovery=False, num_retries=0, http=http)
 
-            self._client = self._with_retries(build, "fetching the discovery document")
+            self._client = self._with_retries(build, "fetching the discovery document", max_retries=retries)
+            http.timeout = self.config.timeout
         return self._client
 
     def _delay(self, attempt: int, retry_after: Optional[float]) -> float:
@@ -213,7 +235,7 @@ class PerspectiveScorer(TextScorer):
             delay = max(delay, min(retry_after, self.config.backoff_max))
         return delay
 
-    def _with_retries(self, fn: Callable[[], Any], what: str) -> Any:
+    def _with_retries(self, fn: Callable[[], Any], what: str, max_retries: Optional[int] = None) -> Any:
         from googleapiclient.errors import HttpError
         from httplib2 import HttpLib2Error
 
@@ -242,14 +264,15 @@ class PerspectiveScorer(TextScorer):
             # the key) is neither the __cause__ nor the __context__ of what the caller sees.
             if fatal is not None:
                 raise fatal
-            if attempt >= self.config.max_retries:
+            limit = self.config.max_retries if max_retries is None else max_retries
+            if attempt >= limit:
                 raise PerspectiveError(f"{failure} (gave up after {attempt} retries; lower qps, raise "
                                        f"max_retries, or check the quota of the key's project)",
                                        failure.status)
             delay = self._delay(attempt, retry_after)
             attempt += 1
             self.stats["retries"] += 1
-            log.warning("%s; retry %d/%d in %.2fs", failure, attempt, self.config.max_retries, delay)
+            log.warning("%s; retry %d/%d in %.2fs", failure, attempt, limit, delay)
             time.sleep(delay)
 
     def _analyze(self, text: str) -> float:

@@ -324,5 +324,12 @@ def test_unreachable_api_fails_with_network_error(with_key, tmp_path):
     scorer = cls(cls.Config(discovery_url="http://127.0.0.1:9/$discovery/rest?version=v1alpha1",
                             cache_dir=None, max_retries=1, backoff_base=0.001, timeout=2.0))
     with pytest.raises(PerspectiveError, match="network error.*gave up after 1 retries") as info:
-        scorer.check_ready()
+        scorer._get_client()  # requests retry (max_retries)
     assert KEY not in chain_text(info.value)
+    # the pre-flight makes one bounded attempt and never retries: an offline machine knows at once
+    scorer = cls(cls.Config(discovery_url="http://127.0.0.1:9/$discovery/rest?version=v1alpha1",
+                            cache_dir=None, max_retries=6, backoff_base=5.0, probe_timeout=1.0))
+    t0 = time.monotonic()
+    with pytest.raises(PerspectiveError, match="pre-flight: network error: cannot reach 127.0.0.1:9 within 1 s"):
+        scorer.check_ready()
+    assert time.monotonic() - t0 < 3.0 and scorer.stats["retries"] == 0

@@ -19,12 +19,15 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
+import re
+import string
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
+from harness.api import safeio
 from harness.api.components import ComponentConfig, DatasetRef
 from harness.api.errors import ConfigError, UnknownComponentError
 from harness.api.registry import ATTACKS, DATASETS, DEFENCES, METRICS, Registry
@@ -231,24 +234,63 @@ def preset_names() -> list[str]:
 
 
 def load_preset(name_or_path: str) -> dict[str, Any]:
-    path = Path(name_or_path)
+    """A preset by name (``harness/presets/NAME.yaml``) or YAML path, read with the checked reader
+    (``harness.api.safeio``: no folders, FIFOs, binary or oversized files, no alias bombs) and
+    checked for the shape of its sections (``check_preset_shape``)."""
+    if not isinstance(name_or_path, str) or not name_or_path.strip():
+        raise ConfigError(f"preset: empty name (an unset shell variable?); known presets: {', '.join(preset_names())} "
+                          "or a YAML file")
+    path = safeio.check_path(name_or_path, "preset file")
     if not path.suffix:
         path = PRESET_DIR / f"{name_or_path}.yaml"
         if not path.exists():
             raise UnknownComponentError("preset", name_or_path, preset_names())
-    if not path.exists():
-        raise ConfigError(f"preset file {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-        what = " ".join(str(getattr(exc, "problem", None) or exc).split())
-        raise ConfigError(f"preset file {str(path)!r} is not valid YAML: {where}{what}") from None
+    data = safeio.load_yaml(path, "preset file")
+    if data is None:
+        raise ConfigError(f"preset file {str(path)!r} is empty; it must hold a mapping (e.g. 'model: {{id: ...}}')")
     if not isinstance(data, dict):
         raise ConfigError(f"preset file {str(path)!r} must hold a mapping, not {type(data).__name__}")
+    check_preset_shape(data, f"preset file {str(path)!r}")
     data.setdefault("preset", path.stem)
     return data
+
+
+#: preset sections that hold a mapping (or nothing), and those that map component names to mappings
+MAPPING_SECTIONS = ("model", "eval", "synth", "defence_defaults", "attack_defaults", "sweep")
+ENTRY_SECTIONS = {"defences": DEFENCES, "attacks": ATTACKS}
+
+
+def check_preset_shape(data: dict[str, Any], where: str) -> None:
+    """The sections of a preset have the types they are read as: keys are strings; ``model``,
+    ``eval``, ``synth``, ``*_defaults`` and ``sweep`` are mappings; ``defences``/``attacks`` map
+    registered names to mappings; ``defence``/``attack`` are non-empty names."""
+    bad_keys = [k for k in data if not isinstance(k, str)]
+    if bad_keys:
+        raise ConfigError(f"{where}: key {bad_keys[0]!r} is not a string; top-level keys are names such as "
+                          "'model', 'defences', 'attacks'")
+    for key in MAPPING_SECTIONS:
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            raise ConfigError(f"{where}: '{key}' = {_short(data[key])} must be a mapping, not {type(data[key]).__name__}")
+    for key, registry in ENTRY_SECTIONS.items():
+        section = data.get(key)
+        if section is None:
+            continue
+        if not isinstance(section, dict):
+            raise ConfigError(f"{where}: '{key}' = {_short(section)} must be a mapping of {registry.kind} names to their "
+                              f"parameters ({key}: {{NAME: {{param: value}}}}), not {type(section).__name__}")
+        for name, entry in section.items():
+            _check_name(registry, name, f"{key}.{name}")
+            if entry is not None and not isinstance(entry, dict):
+                raise ConfigError(f"{where}: '{key}.{name}' = {_short(entry)} must be a mapping of parameters, "
+                                  f"not {type(entry).__name__}")
+    for key, registry in (("defence", DEFENCES), ("attack", ATTACKS)):
+        if key in data and not isinstance(data[key], dict):
+            _check_name(registry, data[key], key)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 PRESET_KEYS = {"preset", "model", "defence", "attack", "defences", "attacks", "defence_defaults",
@@ -256,9 +298,13 @@ PRESET_KEYS = {"preset", "model", "defence", "attack", "defences", "attacks", "d
 
 
 def parse_value(text: str) -> Any:
+    """A ``--set`` value: YAML (aliases bounded, as in files), numbers such as ``3e-5`` as numbers,
+    text that is not YAML as itself."""
     try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
+        value = safeio.parse_yaml(text, "--set value")
+    except ConfigError as exc:
+        if "expand" in str(exc) or "nested" in str(exc):
+            raise
         return text
     if isinstance(value, str):
         try:
@@ -275,6 +321,9 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
         raise ConfigError(f"--set {assignment!r}: empty key")
+    if not raw.strip():
+        raise ConfigError(f"--set {assignment!r}: empty value (an unset shell variable?); give a value, or "
+                          f"{key.strip()}=null to clear the field")
     node = data
     for i, part in enumerate(parts[:-1]):
         if isinstance(node, list):  # an item of a list by its index (attack.steps.1.lr)
@@ -326,13 +375,13 @@ def _apply_shared_defaults(data: dict[str, Any], preset: dict[str, Any], kind: s
 
 
 def _check_name(registry: Registry, value: Any, field: str) -> None:
-    if not isinstance(value, str) or not value:
+    if not isinstance(value, str) or not value.strip():
         raise ConfigError(f"field {field!r} = {value!r}: must be a {registry.kind} name; known: "
                           f"{', '.join(registry.names())}")
     try:
         registry.check(value)
     except UnknownComponentError as exc:
-        if field not in ("defence.name", "attack.name"):
+        if field not in ("defence.name", "attack.name", "defence", "attack"):
             exc.args = (f"field '{field}': {exc.args[0]}",)
         raise
 
@@ -350,7 +399,7 @@ def check_names(data: dict[str, Any]) -> None:
             if isinstance(scorer, dict):
                 if "name" in scorer:
                     _check_name(METRICS, scorer["name"], f"eval.{key}.name")
-                if scorer.get("fallback"):
+                if scorer.get("fallback") is not None:  # "" is refused, not read as "no fallback"
                     _check_name(METRICS, scorer["fallback"], f"eval.{key}.fallback")
         extra = ev.get("extra")
         names = [s.strip() for s in extra.split(",") if s.strip()] if isinstance(extra, str) else extra
@@ -379,13 +428,21 @@ def resolve(
     if unknown:
         raise ConfigError(f"preset {preset!r}: unknown key(s) {', '.join(unknown)}; allowed: "
                           f"{', '.join(sorted(PRESET_KEYS))}")
-    d_name = defence or raw.get("defence") or "none"
-    a_name = attack or raw.get("attack") or "harmfulqa"
+    # a value given on the command line is used as given: an empty one (an unset shell variable)
+    # is refused, never replaced by the preset's default
+    for flag, value, registry in (("--defence", defence, DEFENCES), ("--attack", attack, ATTACKS)):
+        if value is not None and not str(value).strip():
+            raise ConfigError(f"{flag} '': empty name (an unset shell variable?); known {registry.kind}s: "
+                              f"{', '.join(registry.names())}")
+    if model is not None and not str(model).strip():
+        raise ConfigError("--model '': empty model id or folder (an unset shell variable?)")
+    d_name = defence if defence is not None else raw.get("defence", "none")
+    a_name = attack if attack is not None else raw.get("attack", "harmfulqa")
     if isinstance(d_name, dict) or isinstance(a_name, dict):
         raise ConfigError("preset: 'defence' and 'attack' name the default choice; parameters go "
                           "under 'defences: {NAME: {...}}' and 'attacks: {NAME: {...}}'")
-    DEFENCES.check(d_name)
-    ATTACKS.check(a_name)
+    _check_name(DEFENCES, d_name, "defence")
+    _check_name(ATTACKS, a_name, "attack")
     data: dict[str, Any] = {
         "preset": raw.get("preset", preset),
         "model": copy.deepcopy(raw.get("model") or {}),
@@ -396,7 +453,7 @@ def resolve(
         "disjoint": raw.get("disjoint", True),
         "synth": copy.deepcopy(raw.get("synth") or {}),
     }
-    if model:
+    if model is not None:
         data["model"]["id"] = model
     if seed is not None:
         data["seed"] = seed
@@ -439,8 +496,102 @@ def _bind_all(spec: RunSpec) -> RunSpec:
     spec._evaluations = {name: validate_params(METRICS, name, spec.eval.params.get(name, {}), f"eval.params.{name}")
                          for name in sorted(set(spec.eval.extra) | set(spec.eval.params))}
     validate_datasets(spec)
-    check_no_secrets(spec.canonical())
+    check_templates(spec)
+    canonical = spec.canonical()
+    check_finite(canonical)
+    check_no_secrets(canonical)
     return spec
+
+
+def check_finite(data: Any, field: str = "") -> None:
+    """No setting is NaN or infinite (YAML's ``.nan``/``.inf``, JSON's ``Infinity``): a learning
+    rate of ``inf`` would train, and a ``nan`` bound would compare false everywhere."""
+    if isinstance(data, dict):
+        for key, value in data.items():
+            check_finite(value, f"{field}.{key}" if field else str(key))
+    elif isinstance(data, (list, tuple)):
+        for i, value in enumerate(data):
+            check_finite(value, f"{field}.{i}")
+    elif isinstance(data, float) and not math.isfinite(data):
+        raise ConfigError(f"field {field!r} = {data!r}: must be a finite number")
+
+
+# ---- text templates ----------------------------------------------------------------------------
+_FORMATTER = string.Formatter()
+_BRACED = re.compile(r"(?<!{){([A-Za-z_][A-Za-z0-9_]*)}(?!})")
+
+
+def template_placeholders(field_info) -> Optional[tuple[str, ...]]:
+    """The ``{names}`` a template field is filled with: declared in the field
+    (``json_schema_extra={"placeholders": [...]}``), else those of its default text, else those its
+    description names (``"prompt with {input}"``); ``None`` when the field says nothing."""
+    extra = field_info.json_schema_extra if isinstance(field_info.json_schema_extra, dict) else {}
+    if extra.get("placeholders"):
+        return tuple(extra["placeholders"])
+    default = field_info.default
+    if isinstance(default, str):
+        names = [name for _, name, _, _ in _FORMATTER.parse(default) if name]
+        if names:
+            return tuple(dict.fromkeys(names))
+    found = _BRACED.findall(field_info.description or "")
+    return tuple(dict.fromkeys(found)) or None
+
+
+def check_template(text: str, allowed: tuple[str, ...], field: str) -> None:
+    """``text`` is a ``str.format`` template that fills every name of ``allowed`` and nothing else:
+    no positional ``{}``, no ``{name.attr}``/``{name[i]}``, no unbalanced brace."""
+    need = ", ".join("{" + a + "}" for a in allowed)
+    try:
+        parsed = list(_FORMATTER.parse(text))
+    except ValueError as exc:
+        raise ConfigError(f"field {field!r} = {text[:80]!r}: not a valid template ({exc}); write {{{{ and }}}} for "
+                          f"literal braces") from None
+    used = []
+    for _, name, spec, conv in parsed:
+        if name is None:
+            continue
+        if name not in allowed:
+            raise ConfigError(f"field {field!r} = {text[:80]!r}: unknown placeholder {{{name}}}; it may use only "
+                              f"{need} (write {{{{ and }}}} for literal braces)")
+        if spec and any(c in spec for c in "{}"):
+            raise ConfigError(f"field {field!r} = {text[:80]!r}: nested placeholder in {{{name}:{spec}}}")
+        used.append(name)
+    missing = [a for a in allowed if a not in used]
+    if missing:
+        raise ConfigError(f"field {field!r} = {text[:80]!r}: must contain {', '.join('{' + m + '}' for m in missing)} "
+                          f"(where the {missing[0]} goes); without it every row would be the same text")
+
+
+def _template_fields(obj: Any, prefix: str):
+    """``(field, text, placeholders)`` of every template field set inside a component config."""
+    if isinstance(obj, BaseModel):
+        fields = type(obj).model_fields
+        for key, info in fields.items():
+            value = getattr(obj, key, None)
+            if isinstance(value, str) and (key == "template" or key.endswith("_template")):
+                allowed = template_placeholders(info)
+                if allowed:
+                    yield f"{prefix}.{key}", value, allowed
+            elif isinstance(value, (BaseModel, dict, list, tuple)):
+                yield from _template_fields(value, f"{prefix}.{key}")
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from _template_fields(value, f"{prefix}.{key}")
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            yield from _template_fields(value, f"{prefix}.{i}")
+
+
+def check_templates(spec: RunSpec) -> None:
+    """Every text template of every component (a field named ``template`` or ``*_template``) fills
+    the placeholders it is meant to, and no other, checked before any model loads."""
+    configs = [("defence", spec.defence.config), ("attack", spec.attack.config),
+               ("eval.harm_scorer", spec.eval.harm_scorer.config),
+               ("eval.toxicity_scorer", spec.eval.toxicity_scorer.config)]
+    configs += [(f"eval.params.{n}", spec.evaluation_config(n)) for n in spec.eval.extra]
+    for prefix, cfg in configs:
+        for field, text, allowed in _template_fields(cfg, prefix):
+            check_template(text, allowed, field)
 
 
 def _dataset_refs(obj: Any, prefix: str):

@@ -121,6 +121,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except HarnessError as exc:
         print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 2
+    except (IsADirectoryError, NotADirectoryError, FileNotFoundError, PermissionError) as exc:
+        # the last line of defence for a path the checked readers (harness.api.safeio) did not see:
+        # one line naming the file, exit 2, never a traceback
+        where = f" {exc.filename!r}" if exc.filename else ""
+        print(f"error: {redact(exc.strerror or str(exc))}:{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt as exc:
         print(f"interrupted: {exc if isinstance(exc, Interrupted) else 'by SIGINT'} (exit {exit_code(exc)})",
               file=sys.stderr)

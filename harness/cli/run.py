@@ -26,11 +26,13 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+from harness.api import safeio
 from harness.api.config import RunSpec, resolve
 from harness.api.errors import ConfigError
 from harness.api.record import TrialRecord
 from harness.api.registry import ATTACKS, DEFENCES
 from harness.api.secrets import redact
+from harness.lib.model_files import check_local_model, looks_like_path
 from harness.lib.memory import PlanRefused
 
 log = logging.getLogger("harness.run")
@@ -50,7 +52,11 @@ def add_spec_args(p: argparse.ArgumentParser, require_components: bool = False) 
 
 
 def spec_from_args(args) -> RunSpec:
-    sets = list(args.sets) + ([f"eval.extra={args.evals}"] if getattr(args, "evals", None) else [])
+    evals = getattr(args, "evals", None)
+    if evals is not None and not evals.strip(" ,"):
+        raise ConfigError("--eval '': empty list of evaluations (an unset shell variable?); name them, e.g. "
+                          "--eval capability,trainability, or leave the flag out")
+    sets = list(args.sets) + ([f"eval.extra={evals}"] if evals is not None else [])
     if getattr(args, "device", None):
         sets.append(f"model.device={args.device}")
     return resolve(args.preset, defence=args.defence, attack=args.attack, model=args.model, seed=args.seed,
@@ -130,6 +136,7 @@ def cmd_run(args) -> int:
     if args.dry_run and args.defence is None:
         return dry_run_all_defences(args)
     spec = spec_from_args(args)
+    preflight_args(args, spec)
     gpus = select_gpus(getattr(args, "gpus", None), args.dry_run)
     mplan = memory_plan(spec, gpus)
     if args.dry_run:
@@ -205,6 +212,17 @@ def run_fsdp_stages(spec: RunSpec, paths, fsdp: dict[str, int], args) -> Optiona
     return None
 
 
+def preflight_args(args, spec: RunSpec) -> None:
+    """Before anything reads the model or plans memory (also for ``--dry-run``): ``--output`` and
+    ``--checkpoints`` name folders that can be written, and a model folder is whole (config,
+    tokenizer, undamaged safetensors: ``harness.lib.model_files``)."""
+    safeio.check_output_dir(args.output, "results folder (--output)")
+    if args.checkpoints is not None:
+        safeio.check_output_dir(args.checkpoints, "checkpoints folder (--checkpoints)")
+    if looks_like_path(spec.model.id):
+        check_local_model(spec.model.id)
+
+
 def dry_run_all_defences(args) -> int:
     """``--dry-run`` without ``--defence``: the plan for every registered defence under the preset."""
     from harness.pipeline.fidelity import data_plan, fidelity_section  # reads local data for the row counts
@@ -256,6 +274,8 @@ def summary_text(rec: TrialRecord) -> str:
     if rec.model:
         lines.append(f"  model: {rec.model.id} [{rec.model.source}]"
                      + (f"  NOTE: {rec.model.fallback}" if rec.model.fallback else ""))
+    for note in rec.notes:  # substitutions the run made (a fallback scorer, a skipped evaluation): said here too
+        lines.append(f"  NOTE: {note}")
     for phase in ("pre_attack", "post_attack"):
         for name, val in rec.phase(phase).items():
             summary = rec.summary(phase, name) if isinstance(val, dict) and "mean" in val else None

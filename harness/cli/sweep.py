@@ -23,6 +23,8 @@ def build_from_args(args):
         changes["gpu"] = args.gpu
     if args.isolate:
         changes["isolate"] = args.isolate
+    if getattr(args, "max_cells", None) is not None:
+        changes["max_cells"] = args.max_cells
     if changes:
         spec = copy_spec(spec, **changes)
     sets = list(args.sets) + ([f"model.device={args.device}"] if getattr(args, "device", None) else [])
@@ -98,6 +100,9 @@ def register(sub) -> None:
     p.add_argument("--gpu", help="cost-model GPU profile (h100, a100-80, ...)")
     p.add_argument("--isolate", choices=["process", "reuse"],
                    help="process (default): a fresh worker per stage, so GPU memory goes back; reuse: warm workers")
+    p.add_argument("--max-cells", type=int, metavar="N",
+                   help="refuse a grid of more than N cells (default: the sweep's max_cells, 5000); counted before "
+                        "any cell is built")
     p.add_argument("--dry-run", action="store_true", help="print the DAG, its GPU hours and expected makespan; run nothing")
     p.add_argument("--json", action="store_true", help="with --dry-run: machine-readable plan")
     p.add_argument("--verbose-plan", action="store_true", help="with --dry-run: list every stage")

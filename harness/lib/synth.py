@@ -11,13 +11,13 @@ kind, prompt, settings) so every trial on the same base model trains on the same
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from harness.api.components import Example
+from harness.api.safeio import read_json_cache
 from harness.api.config import SynthSpec
 from harness.lib.generation import generate
 from harness.lib.store import atomic_write_json
@@ -44,6 +44,12 @@ def _cache_file(cache_dir: Path, model_key: str, kind: str, settings: SynthSpec)
     return cache_dir / f"{kind}-{tag}.json"
 
 
+def _check_cache(value) -> None:
+    """A generated-text cache maps prompts to texts."""
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise ValueError("not a JSON object of prompt -> text")
+
+
 def complete(examples: Sequence[Example], kind: str, model, tokenizer, *, model_key: str, cache_dir: Path,
              settings: SynthSpec, progress: bool = True,
              load: Optional[Callable[[], tuple[Any, Any]]] = None) -> tuple[list[Example], dict]:
@@ -58,7 +64,8 @@ def complete(examples: Sequence[Example], kind: str, model, tokenizer, *, model_
     if not todo:
         return list(examples), info
     path = _cache_file(cache_dir, model_key, kind, settings)
-    cache: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
+    # a damaged cache (cut short, edited, a folder in its place) is moved aside and regenerated, with a WARNING
+    cache: dict[str, str] = read_json_cache(path, "generated-text cache", check=_check_cache) or {}
     new_prompts = sorted({ex.prompt for ex in todo if ex.prompt not in cache})
     info["cached"] = len({ex.prompt for ex in todo}) - len(new_prompts)
     if new_prompts:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from harness.api.components import Example
+from harness.api.safeio import read_json_cache
 from harness.lib import data as datamod
 from harness.lib.context import StageContext
 from harness.lib.generation import generate
@@ -145,13 +146,19 @@ def pre_attack_path(comp: Components, checkpoints: Path, data_summary: dict[str,
     return checkpoints / spec.defence_key() / f"pre_attack-{pre_key}.json"
 
 
+def _json_object(value) -> None:
+    if not isinstance(value, dict):
+        raise ValueError(f"holds a {type(value).__name__}, not a JSON object")
+
+
 def cached_json(path: Optional[Path], compute):
-    """Return the JSON at ``path`` if present, else compute, write atomically and return."""
-    if path is not None and path.exists():
-        try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError:
-            pass
+    """Return the JSON at ``path`` if present, else compute, write atomically and return. A damaged
+    file (not a JSON object, a folder in its place) is moved aside with a WARNING and recomputed
+    (``harness.api.safeio.read_json_cache``), never trusted and never failing every rerun."""
+    if path is not None:
+        cached = read_json_cache(path, "checkpoint side file", check=_json_object)
+        if cached is not None:
+            return cached
     value = compute()
     if path is not None:
         atomic_write_json(path, value)

@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from harness.api.components import Example
+from harness.api import safeio
 from harness.api.config import RunSpec
 from harness.api.record import TrialRecord
 from harness.lib import data as datamod
@@ -161,10 +162,18 @@ class Trial:
         self._model, self._loader = None, loader
 
 
+def check_paths(paths: TrialPaths) -> None:
+    """The results and checkpoints folders can be written (neither is a file, nor under one; names
+    fit the file system): checked before any model loads, not when the first file is saved."""
+    safeio.check_output_dir(paths.output, "results folder (--output)")
+    safeio.check_output_dir(paths.checkpoints, "checkpoints folder (--checkpoints)")
+
+
 def open_trial(spec: RunSpec, paths: TrialPaths, *, progress: bool = True, cache_pre_attack: bool = False,
                attacked_from: str | Path | None = None, trainer: Optional[Trainer] = None,
                base: Optional[BaseModel] = None, device: Optional[torch.device] = None) -> Trial:
     """Validate and prepare everything that needs no model. Raises on bad input (one line)."""
+    check_paths(paths)
     comp = Components.build(spec)
     comp.check_ready()
     source = base.source if base is not None else resolve_source(spec.model)

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+from harness.api import safeio
 from harness.api.config import RunSpec, attack_config, defence_config
 from harness.api.registry import DEFENCES
 from harness.lib import data as datamod
@@ -255,8 +256,8 @@ def build(spec: SweepSpec, preset: str, *, output: Optional[str] = None, storage
     not apply passes its own needs on), minus those reachable through another dependency."""
     cells = expand(spec, preset, models=models, extra_sets=extra_sets)
     sweep_name = name or spec.name or "sweep"
-    out = Path(output or spec.output or Path("results") / sweep_name)
-    store = Path(storage or spec.storage or out / "checkpoints")
+    out = safeio.check_output_dir(output or spec.output or Path("results") / sweep_name, "sweep results folder (--output)")
+    store = safeio.check_output_dir(storage or spec.storage or out / "checkpoints", "sweep storage folder (--storage)")
     by_name = {st.name: st for st in stages.STAGES}
     tasks: dict[str, Stage] = {}
 

@@ -42,6 +42,7 @@ The stage DAG built from the cells is ``harness.sweep.dag`` (derived from the tr
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import importlib
 import itertools
@@ -55,8 +56,10 @@ from typing import Any, Iterable, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from harness.api import safeio
 from harness.api.config import RunSpec, format_validation_error, load_preset, parse_value, resolve
 from harness.api.errors import ConfigError
+from harness.lib.model_files import check_local_model, looks_like_path
 from harness.sweep import cost
 
 def stage_kinds() -> tuple[str, ...]:
@@ -66,6 +69,12 @@ def stage_kinds() -> tuple[str, ...]:
     from harness.pipeline.stages import task_kinds
 
     return task_kinds()
+
+
+AXES = ("models", "defences", "attacks", "attack_lr", "attack_samples", "seeds", "evals")
+#: cells a sweep may expand to unless ``max_cells`` (or ``harness sweep --max-cells N``) raises it: each
+#: cell is resolved and validated like ``harness run`` (milliseconds each) before anything runs
+DEFAULT_MAX_CELLS = 5000
 
 
 SWEEP_DIR = "_sweep"  # inside the results folder: state.json, plan.json, logs/, driver.lock
@@ -152,6 +161,7 @@ class SweepSpec(BaseModel):
     resources: dict[str, Union[str, Resources]] = Field(default_factory=dict)
     isolate: str = "process"
     scorer_service: bool = True  # API scorers (Perspective) run in one CPU-only actor with one rate limit
+    max_cells: int = Field(DEFAULT_MAX_CELLS, gt=0)  # refuse a grid of more cells (harness sweep --max-cells)
     search: Optional[dict[str, Any]] = None  # worst-case attack search (harness search FILE; harness.sweep.search)
 
     @field_validator("isolate")
@@ -212,15 +222,12 @@ def load_sweep_spec(path: Optional[str] = None, preset: Optional[str] = None) ->
         data = dict(section)
         data.setdefault("name", raw.get("preset", Path(preset).stem))
         return _validate_spec(data, f"preset {preset!r} sweep"), preset, None
-    file = Path(path)
-    if not file.exists():
-        raise ConfigError(f"sweep file {str(file)!r} does not exist")
-    try:
-        raw = yaml.safe_load(file.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"sweep file {str(file)!r} is not valid YAML: {exc}") from None
+    file = safeio.check_path(path, "sweep file")
+    raw = safeio.load_yaml(file, "sweep file")  # no folders, FIFOs, binary, oversized files or alias bombs
+    if raw is None:
+        raise ConfigError(f"sweep file {str(file)!r} is empty; it must hold a mapping (defences: [...], ...)")
     if not isinstance(raw, dict):
-        raise ConfigError(f"sweep file {str(file)!r} must hold a mapping")
+        raise ConfigError(f"sweep file {str(file)!r} must hold a mapping, not {type(raw).__name__}")
     if "sweep" in raw:  # a preset file that carries its own sweep section
         return load_sweep_spec(None, str(file) if preset is None else preset)
     data = dict(raw)
@@ -233,7 +240,26 @@ def load_sweep_spec(path: Optional[str] = None, preset: Optional[str] = None) ->
     return _validate_spec(data, f"sweep file {str(file)!r}"), base, file
 
 
-def _validate_spec(data: dict[str, Any], where: str) -> SweepSpec:
+def _validate_spec(data: dict[str, Any], where: str, written: bool = True) -> SweepSpec:
+    """``data`` as a ``SweepSpec``; ``written``: it is what a user wrote (not a copy of a validated
+    spec, whose absent axes are empty lists), so an axis given but empty is refused."""
+    bad_keys = [k for k in data if not isinstance(k, str)]
+    if bad_keys:
+        raise ConfigError(f"{where}: key {bad_keys[0]!r} is not a string")
+    # an axis written but left empty would be dropped (the preset's default used instead): refuse it
+    for axis in AXES if written else ():
+        if axis in data and isinstance(data[axis], (list, tuple)) and not data[axis]:
+            raise ConfigError(f"{where}: axis '{axis}' is empty; give at least one value or leave the key out "
+                              "(then the preset's value is used)")
+    name = data.get("name")
+    if isinstance(name, str) and (not name.strip() or "/" in name or "\\" in name or name in (".", "..")):
+        raise ConfigError(f"{where}: name {name!r} must be one folder name (it names results/<name>), not a path; "
+                          "set output: for another folder")
+    grid = data.get("grid")
+    if isinstance(grid, dict) and written:
+        for key, values in grid.items():
+            if isinstance(values, (list, tuple)) and not values:
+                raise ConfigError(f"{where}: grid axis {key!r} is empty; give at least one value or remove it")
     try:
         return SweepSpec(**data)
     except ValidationError as exc:
@@ -271,10 +297,19 @@ def expand(spec: SweepSpec, preset: str, *, models: Optional[list[str]] = None,
     seeds: list[Optional[int]] = list(spec.seeds) or [None]
     evals = [Entry.parse(e, "evals", named=False) for e in spec.evals] or [Entry()]
     grid_keys = list(spec.grid)
+    axes = {"models": model_axis, "defences": defences, "seeds": seeds, "attacks": attacks, "attack_lr": lrs,
+            "attack_samples": samples, "evals": evals, **{f"grid.{k}": spec.grid[k] for k in grid_keys}}
+    check_cell_count(axes, spec.max_cells)  # counted, never expanded, before anything is resolved
+    check_models(model_axis)
     grid_values = list(itertools.product(*(spec.grid[k] for k in grid_keys))) or [()]
     global_sets = spec.global_sets() + list(extra_sets)
     default_model = (base.get("model") or {}).get("id")
     default_seed = base.get("seed", 0)
+    check_exclude(spec.exclude, {
+        "model": [m or default_model for m in model_axis], "defence": [d.tag() for d in defences],
+        "attack": [a.tag() for a in attacks], "attack_lr": lrs, "attack_samples": samples,
+        "seed": [s if s is not None else default_seed for s in seeds], "eval": [e.tag("default") for e in evals],
+        **{k: list(spec.grid[k]) for k in grid_keys}})
 
     cells: list[Cell] = []
     seen: dict[str, Cell] = {}
@@ -293,7 +328,7 @@ def expand(spec: SweepSpec, preset: str, *, models: Optional[list[str]] = None,
                                   "attack_lr": lr, "attack_samples": n,
                                   "seed": seed if seed is not None else default_seed,
                                   "eval": ev.tag("default"), **dict(zip(grid_keys, gv))}
-        if any(all(labels.get(k) == v for k, v in rule.items()) for rule in spec.exclude):
+        if any(all(_same(v, labels.get(k)) for k, v in rule.items()) for rule in spec.exclude):
             continue
         argv = ["--preset", preset, "--defence", d.name, "--attack", a.name]
         if model is not None:
@@ -316,18 +351,72 @@ def expand(spec: SweepSpec, preset: str, *, models: Optional[list[str]] = None,
     return cells
 
 
+def check_cell_count(axes: dict[str, list[Any]], limit: int) -> int:
+    """The number of cells of the grid (the product of its axis lengths, before exclusions), or a
+    ``ConfigError`` saying how many and which axes when it is over ``limit``."""
+    n = math.prod(len(v) for v in axes.values())
+    if n > limit:
+        shape = " x ".join(f"{len(v)} {k}" for k, v in axes.items() if len(v) > 1)
+        raise ConfigError(f"sweep: the grid has {n:,} cells ({shape}), over the limit of {limit:,}; narrow an axis, "
+                          f"or raise the limit with --max-cells {n} (or max_cells: {n} in the sweep file)")
+    return n
+
+
+def check_models(models: Iterable[Optional[str]]) -> None:
+    """Every model of the models axis is a non-empty id; one that names a folder is a whole model
+    folder (``harness.lib.model_files``), checked now, in the dry run, not in a Ray task."""
+    for model in models:
+        if model is None:
+            continue
+        if not isinstance(model, str) or not model.strip():
+            raise ConfigError(f"sweep models: {model!r} is not a model id or folder (an unset shell variable?)")
+        if looks_like_path(model):
+            check_local_model(model, field="sweep models")
+
+
+def _same(rule_value: Any, axis_value: Any) -> bool:
+    if rule_value == axis_value:
+        return True
+    if isinstance(rule_value, str) and isinstance(axis_value, (int, float)) and not isinstance(axis_value, bool):
+        try:  # 3e-5 in YAML is text (YAML wants 3.0e-5): compare it as the number it spells
+            return float(rule_value) == float(axis_value)
+        except ValueError:
+            return False
+    return False
+
+
+def check_exclude(rules: list[dict[str, Any]], labels: dict[str, list[Any]]) -> None:
+    """Each ``exclude`` rule names only keys of the cells' labels, and each value is a value of that
+    axis: a misspelled key or value would match no cell and exclude nothing, silently."""
+    for i, rule in enumerate(rules):
+        if not rule:
+            raise ConfigError(f"sweep exclude[{i}]: empty rule (it would exclude every cell)")
+        for key, value in rule.items():
+            if key not in labels:
+                close = difflib.get_close_matches(str(key), list(labels), n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(f"sweep exclude[{i}]: key {key!r} is not an axis.{hint} Keys: {', '.join(labels)}")
+            values = [v for v in labels[key] if v is not None]
+            if not any(_same(value, v) for v in labels[key]):
+                shown = ", ".join(repr(v) for v in dict.fromkeys(map(str, values))) or "(the preset's default only)"
+                raise ConfigError(f"sweep exclude[{i}]: {key} = {value!r} matches no value of that axis; its values: "
+                                  f"{shown}")
+
+
 def import_plugins(modules: Iterable[str]) -> None:
     for module in modules:
+        if not isinstance(module, str) or not module.strip():
+            raise ConfigError(f"sweep plugins: {module!r} is not a module name (e.g. my_pkg.components)")
         try:
             importlib.import_module(module)
-        except ImportError as exc:
+        except (ImportError, ValueError) as exc:
             raise ConfigError(f"sweep plugin {module!r} cannot be imported: {exc}") from None
 
 
 def copy_spec(spec: SweepSpec, **changes: Any) -> SweepSpec:
     data = copy.deepcopy(spec.model_dump())
     data.update(changes)
-    return _validate_spec(data, "sweep")
+    return _validate_spec(data, "sweep", written=False)
 
 
 def format_seconds(s: Optional[float]) -> str:

@@ -25,7 +25,6 @@ fallback is recorded in ``describe_source()``.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from collections import OrderedDict
@@ -35,9 +34,11 @@ from typing import Any, ClassVar, Optional
 from pydantic import Field
 
 from harness.lib.network import host_reachable, hub_endpoint, truthy_env
+from harness.api import safeio
 from harness.api.components import ComponentConfig, DatasetLoader, Example
 from harness.api.errors import DataError
 from harness.api.registry import DATASETS
+from harness.lib.datasets.local import read_rows
 
 log = logging.getLogger(__name__)
 
@@ -100,17 +101,10 @@ def _as_list(value: Any) -> list[str]:
 
 
 def _read_file(path: Path) -> list[dict]:
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as fh:
-            return [dict(r) for r in csv.DictReader(fh)]
-    text = path.read_text(encoding="utf-8")
-    if suffix == ".jsonl":
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    data = json.loads(text)
-    if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}-style wrappers
-        data = next((v for v in data.values() if isinstance(v, list)), [])
-    return list(data)
+    """The rows of a local CSV/JSONL/JSON file, read with the checked reader of the ``local`` dataset
+    (``harness.lib.datasets.local.read_rows``: folders, FIFOs, binary, oversized or malformed files
+    fail with one line naming the file and line)."""
+    return [row for _, row in read_rows(path)]
 
 
 def group_by_input(examples: list[Example]) -> list[Example]:
@@ -213,7 +207,8 @@ class Data2Text(DatasetLoader):
 
     def load(self) -> list[Example]:
         if self.config.path:
-            folder = Path(self.config.path).expanduser()
+            folder = safeio.check_path(Path(self.config.path).expanduser(), f"dataset {self.registry_name}: path",
+                                       DataError)
             if not folder.exists():
                 raise DataError(f"dataset {self.registry_name}: path {self.config.path!r} does not exist")
             rows = self._local_rows(folder)
