@@ -11,6 +11,8 @@ class NoDefence(Defence):
     """No defence: the undefended base model."""
 
     needs_data = False
+    changes_model = False
+    cost_factor = 0.0
 
     class Config(ComponentConfig):
         pass

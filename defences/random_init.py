@@ -22,6 +22,7 @@ class RandomInit(Defence):
     """Random initialisation: the same architecture with fresh random weights."""
 
     needs_data = False
+    cost_factor = 0.0  # no training: one fresh initialisation
 
     class Config(ComponentConfig):
         pass

@@ -119,6 +119,7 @@ class PerspectiveScorer(TextScorer):
     """Perspective API TOXICITY of the continuation (the paper's toxicity scorer; needs an API key)."""
 
     kind = "toxicity"
+    remote = True
 
     class Config(ComponentConfig):
         attribute: str = Field("TOXICITY", description="Perspective attribute to score")

@@ -1,6 +1,6 @@
 """Trainability: how well a (defended) model still learns a benign task, measured by ROUGE.
 
-Method (RepNoise, Rosati et al., NeurIPS 2024, "trainability" criterion; DESIGN.md): a defence
+Method (RepNoise, Rosati et al., NeurIPS 2024, "trainability" criterion; docs/design.md): a defence
 should not stop the model owner's legitimate fine-tuning. A copy of the model is fine-tuned with
 causal-LM cross-entropy on the response tokens of a GEM data-to-text task (ViGGO by default;
 E2E NLG, DART, CACAPO), then decodes greedily on held-out inputs; the score is ROUGE
@@ -40,8 +40,9 @@ from pydantic import Field
 
 from harness.api.components import Evaluation, Example, TrainConfig
 from harness.lib.datasets.data2text import DATA2TEXT, group_by_input
-from harness.api.errors import DataError
+from harness.api.errors import DataError, EvaluationSkipped
 from harness.api.registry import METRICS
+from harness.lib.network import hub_reachable
 from harness.lib.training import train_loop
 
 log = logging.getLogger(__name__)
@@ -51,8 +52,8 @@ TEMPLATES = {"data_to_text": "Meaning representation: {input}\nDescription:",
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
 
-def d2t_batch(tokenizer, prompts: list[str], responses: list[str], max_length: int,
-              loss_on: Literal["response", "all"] = "response") -> dict[str, torch.Tensor]:
+def d2t_batch(tokenizer, prompts: list[str], responses: list[str], max_length: int, *,
+              loss_on: Literal["response", "all"]) -> dict[str, torch.Tensor]:
     """Right-padded causal-LM batch of ``prompt + " " + response + eos`` (labels: response + eos)."""
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     if pad is None:
@@ -167,7 +168,11 @@ class Trainability(Evaluation):
         return [(x, refs[0]) for x, refs in train], evals, info
 
     def check_ready(self) -> None:
-        """Load the data now (a missing folder or an unreachable hub fails before training)."""
+        """Load the data now (a missing folder fails before training). Without ``path`` and with the
+        hub unreachable there is no source (no installed package ships the GEM sets): skipped."""
+        if not self.config.path and not hub_reachable():
+            raise EvaluationSkipped(f"no installed package ships {self.config.dataset} and the hub is unreachable; "
+                                    "set eval.params.trainability.path=FOLDER (a local copy) to run it")
         self.load_data(0)
 
     # -- evaluation ------------------------------------------------------------------------------
@@ -203,7 +208,7 @@ class Trainability(Evaluation):
                     out["before"] = before
                 order = random.Random(ctx.seed + 2).sample(train, len(train))
                 batches = [d2t_batch(tokenizer, [self._prompt(x) for x, _ in order[i : i + cfg.batch_size]],
-                                     [y for _, y in order[i : i + cfg.batch_size]], cfg.max_length, cfg.loss_on)
+                                     [y for _, y in order[i : i + cfg.batch_size]], cfg.max_length, loss_on=cfg.loss_on)
                            for i in range(0, len(order), cfg.batch_size)]
                 device = next(work.parameters()).device
 

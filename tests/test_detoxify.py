@@ -44,7 +44,7 @@ def detox(tmp_path_factory):
     BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
                max_position_embeddings=128, pad_token_id=tok.pad_token_id).save_pretrained(folder / "base")
     bias = [3.0, -3.0, -3.0, -3.0, 1.0, -3.0]  # toxicity ~ sigmoid(3), insult ~ sigmoid(1)
-    local = _checkpoint(folder, str(folder / "base"), bias)  # model_type is a local folder (DESIGN.md)
+    local = _checkpoint(folder, str(folder / "base"), bias)  # model_type is a local folder (docs/design.md)
     hub = _checkpoint(folder, "bert-base-uncased", bias)  # model_type is a hub id, as released
     return {"folder": folder, "local": local, "hub": hub, "base": folder / "base"}
 

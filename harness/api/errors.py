@@ -28,6 +28,11 @@ class DataError(ConfigError):
     """A dataset is missing, empty, malformed or too small for the request."""
 
 
+class EvaluationSkipped(DataError):
+    """An extra evaluation has no data source on this machine (no installed package ships it and
+    the hub is unreachable): the run leaves it out with a WARNING and a note in the record."""
+
+
 class ModelUnavailableError(ConfigError):
     """A model id that cannot be loaded (e.g. the hub is unreachable)."""
 

@@ -25,8 +25,9 @@ from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 from harness.api.components import DatasetRef, Example
+from harness.api.config import format_validation_error
 from harness.api.errors import DataError
-from harness.api.registry import DATASETS
+from harness.api.registry import DATASETS, METRICS
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +98,6 @@ def load_dataset_ref(ref: DatasetRef) -> list[Example]:
 
 def make_loader(ref: DatasetRef):
     from pydantic import ValidationError
-
-    from harness.api.config import format_validation_error
 
     cls = DATASETS.get(ref.name)
     try:
@@ -205,8 +204,10 @@ def requests_for(spec, defence_cls, defence_cfg, attack_cfg) -> list[Request]:
     # an attack's Config may declare the Example fields its rows need (``attack_needs``; default: the
     # harmful answer); a training-free attack (refusal_ablation) reads the prompts only
     reqs.append(Request("attack", attack_cfg.dataset, attack_cfg.samples,
-                        tuple(getattr(attack_cfg, "attack_needs", ("response",))))
-    reqs.append(Request("eval", attack_cfg.eval_dataset, spec.eval.samples, ()))
+                        tuple(getattr(attack_cfg, "attack_needs", ("response",)))))
+    # an extra evaluation may read the eval examples' answers (answer_loss): complete them too
+    eval_needs = tuple(dict.fromkeys(f for name in spec.eval.extra for f in METRICS.get(name).needs_eval))
+    reqs.append(Request("eval", attack_cfg.eval_dataset, spec.eval.samples, eval_needs))
     return reqs
 
 

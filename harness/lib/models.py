@@ -159,6 +159,14 @@ def load_model(spec: ModelSpec, source: Optional[ModelSource] = None, device: Op
     return model, tokenizer, source
 
 
+def load_checkpoint(spec: ModelSpec, folder, device: torch.device, dtype: torch.dtype):
+    """``(model, tokenizer)`` of a checkpoint folder ``save_model`` wrote (a defended model), with
+    the model settings of ``spec``: the default of ``Defence.load_defended``."""
+    local = ModelSource(id=str(folder), source="local", path=str(folder))
+    model, tokenizer, _ = load_model(spec, source=local, device=device, dtype=dtype, path=str(folder))
+    return model, tokenizer
+
+
 def parameter_count(spec: ModelSpec, source: ModelSource) -> int:
     """The base model's parameter count without loading its weights (the model is built from its
     config on the ``meta`` device); equals ``sum(p.numel() for p in model.parameters())`` of the

@@ -59,11 +59,16 @@ def complete(examples: Sequence[Example], kind: str, model, tokenizer, *, model_
     called only if some text is not in the cache (a resumed trial need not load the model)."""
     assert kind in ("response", "refusal")
     todo = [ex for ex in examples if not getattr(ex, kind)]
+    # a loader whose prompts are text openings (RealToxicityPrompts) marks them meta["synth"] =
+    # "continuation": their "response" is the model's plain continuation of the text, no chat, no prefix
+    plain = kind == "response" and bool(todo) and all(ex.meta.get("synth") == "continuation" for ex in todo)
     info = {"kind": kind, "generated": 0, "cached": 0, "model": model_key,
-            "prefix": HARMFUL_PREFIX if kind == "response" else REFUSAL_PREFIX}
+            "prefix": "" if plain else HARMFUL_PREFIX if kind == "response" else REFUSAL_PREFIX}
+    if plain:
+        info["mode"] = "continuation"
     if not todo:
         return list(examples), info
-    path = _cache_file(cache_dir, model_key, kind, settings)
+    path = _cache_file(cache_dir, model_key, "continuation" if plain else kind, settings)
     # a damaged cache (cut short, edited, a folder in its place) is moved aside and regenerated, with a WARNING
     cache: dict[str, str] = read_json_cache(path, "generated-text cache", check=_check_cache) or {}
     new_prompts = sorted({ex.prompt for ex in todo if ex.prompt not in cache})
@@ -73,7 +78,9 @@ def complete(examples: Sequence[Example], kind: str, model, tokenizer, *, model_
             model, tokenizer = load()
         log.info("generating %d %s text(s) with the base model (cached in %s)", len(new_prompts),
                  "harmful answer" if kind == "response" else "refusal", path)
-        if kind == "response":
+        if plain:
+            inputs, prefix = list(new_prompts), ""
+        elif kind == "response":
             inputs = [_chat_prompt(tokenizer, p, None, HARMFUL_PREFIX) for p in new_prompts]
             prefix = HARMFUL_PREFIX
         else:

@@ -25,7 +25,9 @@ from harness.api.config import RunSpec
 from harness.api.record import TrialRecord
 from harness.lib import data as datamod
 from harness.lib.context import StageContext
-from harness.lib.models import ModelSource, load_model, parameter_count, pick_device, pick_dtype, resolve_source
+from harness.lib.checkpoints import save_model
+from harness.lib.models import (ModelSource, load_checkpoint, load_model, parameter_count, pick_device, pick_dtype,
+                                resolve_source)
 from harness.lib.provenance import environment
 from harness.pipeline.components import Components
 
@@ -99,7 +101,21 @@ class Trainer:
         return train
 
     def save_defended(self, trial: "Trial", model, tokenizer, folder: Path, meta: dict[str, Any]) -> None:
-        trial.comp.defence.save_defended(model, tokenizer, folder, meta=meta)
+        save_defended(trial.comp.defence, model, tokenizer, folder, meta)
+
+
+def save_defended(defence, model, tokenizer, folder: Path, meta: dict[str, Any]) -> None:
+    """The defence's ``save_defended`` hook, or the default checkpoint (``save_model``: whole
+    model + completion marker) when the hook returns ``NotImplemented``."""
+    if defence.save_defended(model, tokenizer, folder, meta=meta) is NotImplemented:
+        save_model(model, tokenizer, folder, meta=meta)
+
+
+def load_defended(defence, folder: Path, model_spec, device, dtype) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` from the defence's ``load_defended`` hook, or the folder loaded as an
+    ordinary checkpoint when the hook returns ``NotImplemented``."""
+    loaded = defence.load_defended(folder, model_spec, device, dtype)
+    return load_checkpoint(model_spec, folder, device, dtype) if loaded is NotImplemented else loaded
 
 
 def new_record(spec: RunSpec, evaluation: str, device) -> TrialRecord:

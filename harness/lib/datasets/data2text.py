@@ -127,6 +127,8 @@ def group_by_input(examples: list[Example]) -> list[Example]:
 class Data2Text(DatasetLoader):
     """Base of the data-to-text loaders: a local folder or a hub dataset, mapped to Examples."""
 
+    provides = ("response",)  # the reference text
+
     HUB_ID: ClassVar[str] = ""
     INPUT_FIELDS: ClassVar[tuple[str, ...]] = ("meaning_representation", "mr")
     TARGET_FIELDS: ClassVar[tuple[str, ...]] = ("target", "ref", "reference", "text", "output")
