@@ -30,8 +30,13 @@ def _spec(tiny_dir, extra=(), defence=sweep_support.SFT_NAME):
     from harness.api.config import resolve
 
     sets = [f"{k}={v}" for k, v in sweep_support.FAST_SETS.items()]
+    from harness.lib.text import PROMPT_TEMPLATE, RESPONSE_SEPARATOR
+
+    # the paper's short text format: the smoke preset's chat template does not fit 48 tokens of the
+    # tiny tokenizer, so every harmful/harmless pair would be identical within max_length
+    paper_text = [f"defence.template={json.dumps(PROMPT_TEMPLATE)}", f"defence.separator={json.dumps(RESPONSE_SEPARATOR)}"] if defence == "repnoise" else []
     return resolve("smoke", defence=defence, model=str(tiny_dir),
-                   sets=sets + ["defence.samples=16", "defence.max_length=48", *extra])
+                   sets=sets + paper_text + ["defence.samples=16", "defence.max_length=48", *extra])
 
 
 @pytest.mark.parametrize("defence", [sweep_support.SFT_NAME, "repnoise"])
