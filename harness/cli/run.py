@@ -17,6 +17,7 @@ anything heavy is imported; the trial pipeline (torch, transformers) is imported
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -157,7 +158,9 @@ def cmd_run(args) -> int:
         log.info("pre-flight: %s", note)
     if problems:
         raise PlanRefused("pre-flight: " + " | ".join(problems))
-    with activate(mplan):
+    # on CPU the plan trains as configured; not activating it keeps harness run's record equal to a
+    # sweep task's (which plans for its own GPU, or none on CPU)
+    with activate(mplan) if mplan.device == "cuda" else contextlib.nullcontext():
         rec = run_planned(spec, mplan, args)
     print(redact(summary_text(rec)))
     return 0 if rec.status == "ok" else 1

@@ -513,13 +513,11 @@ def active_plan() -> Optional[MemoryPlan]:
 def stage_plan(stage: str, spec=None, device_type: str = "cpu", world: int = 1, cfg=None) -> Optional[StagePlan]:
     """The plan the training loop of ``stage`` follows: the activated plan's, else (on CUDA, for a
     trial's ``defence`` or ``attack``) one computed here for this process's GPU and ``world`` FSDP
-    ranks (an FSDP worker); None on CPU (train as configured; the same for harness run and a sweep task)."""
-    if device_type != "cuda":  # CPU trains as configured, whoever activated a plan (run == sweep)
-        return None
+    ranks (an FSDP worker); None on CPU without an activated plan (train as configured)."""
     plan = active_plan()
     if plan is not None:
         return plan.stages.get(stage)
-    if spec is None or cfg is None or stage not in ("defence", "attack"):
+    if device_type != "cuda" or spec is None or cfg is None or stage not in ("defence", "attack"):
         return None
     gpus = visible_gpus()
     if not gpus:
