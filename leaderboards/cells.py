@@ -41,6 +41,11 @@ LONG_COLUMNS = ["defence", "column", "mean", "std", "ci_lo", "ci_hi", "ci_method
                 "mark", "samples_missing", "failed", "text"]
 
 
+def failure_text(fails: Counter) -> str:
+    """``"2 error, 1 oom"``: failed records by status, in a stable order."""
+    return ", ".join(f"{fails[s]} {s}" for s in sorted(fails))
+
+
 @dataclass
 class Cell:
     """The values behind one table cell: one number per seed (records of a seed are averaged)."""
@@ -88,8 +93,7 @@ class Cell:
 
     @property
     def failure_text(self) -> str:
-        fails = self.failure_counts
-        return ", ".join(f"{fails[s]} {s}" for s in sorted(fails))
+        return failure_text(self.failure_counts)
 
     def text(self, mark: str = "") -> str:
         if self.text_override is not None:
@@ -260,8 +264,7 @@ class ScoreCell:
 
     @property
     def failure_text(self) -> str:
-        fails = self.failure_counts
-        return ", ".join(f"{fails[s]} {s}" for s in sorted(fails))
+        return failure_text(self.failure_counts)
 
     def text(self, mark: str = "") -> str:
         if self.text_override is not None:

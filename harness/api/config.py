@@ -562,24 +562,30 @@ def check_template(text: str, allowed: tuple[str, ...], field: str) -> None:
                           f"(where the {missing[0]} goes); without it every row would be the same text")
 
 
-def _template_fields(obj: Any, prefix: str):
-    """``(field, text, placeholders)`` of every template field set inside a component config."""
+def _config_nodes(obj: Any, prefix: str, info: Any = None):
+    """``(field, value, field_info)`` for ``obj`` and every value nested in it (pydantic fields,
+    dict entries, list items): the one walk the template and dataset checks share. ``field_info``
+    is the pydantic ``FieldInfo`` of a model field, else None."""
+    yield prefix, obj, info
     if isinstance(obj, BaseModel):
-        fields = type(obj).model_fields
-        for key, info in fields.items():
-            value = getattr(obj, key, None)
-            if isinstance(value, str) and (key == "template" or key.endswith("_template")):
-                allowed = template_placeholders(info)
-                if allowed:
-                    yield f"{prefix}.{key}", value, allowed
-            elif isinstance(value, (BaseModel, dict, list, tuple)):
-                yield from _template_fields(value, f"{prefix}.{key}")
+        for key, finfo in type(obj).model_fields.items():
+            yield from _config_nodes(getattr(obj, key, None), f"{prefix}.{key}", finfo)
     elif isinstance(obj, dict):
         for key, value in obj.items():
-            yield from _template_fields(value, f"{prefix}.{key}")
+            yield from _config_nodes(value, f"{prefix}.{key}")
     elif isinstance(obj, (list, tuple)):
         for i, value in enumerate(obj):
-            yield from _template_fields(value, f"{prefix}.{i}")
+            yield from _config_nodes(value, f"{prefix}.{i}")
+
+
+def _template_fields(obj: Any, prefix: str):
+    """``(field, text, placeholders)`` of every template field set inside a component config."""
+    for field, value, info in _config_nodes(obj, prefix):
+        key = field.rsplit(".", 1)[-1]
+        if info is not None and isinstance(value, str) and (key == "template" or key.endswith("_template")):
+            allowed = template_placeholders(info)
+            if allowed:
+                yield field, value, allowed
 
 
 def check_templates(spec: RunSpec) -> None:
@@ -596,17 +602,9 @@ def check_templates(spec: RunSpec) -> None:
 
 def _dataset_refs(obj: Any, prefix: str):
     """``(field, DatasetRef)`` for every dataset reference inside a component config."""
-    if isinstance(obj, DatasetRef):
-        yield prefix, obj
-    elif isinstance(obj, BaseModel):
-        for key in type(obj).model_fields:
-            yield from _dataset_refs(getattr(obj, key), f"{prefix}.{key}")
-    elif isinstance(obj, dict):
-        for key, value in obj.items():
-            yield from _dataset_refs(value, f"{prefix}.{key}")
-    elif isinstance(obj, (list, tuple)):
-        for i, value in enumerate(obj):
-            yield from _dataset_refs(value, f"{prefix}.{i}")
+    for field, value, _ in _config_nodes(obj, prefix):
+        if isinstance(value, DatasetRef):
+            yield field, value
 
 
 def validate_datasets(spec: RunSpec) -> None:
