@@ -6,6 +6,12 @@ there is no number: ``not run`` (no record), ``failed (1 diverged, 1 oom)`` (eve
 ``0.412 ± 0.031 (n=2; failed: 1 error)`` (some seeds failed), ``no result (1 running)``, ``not
 measured`` (the trial finished without that metric), or a fixed text such as ``base``.
 
+A ``running`` record whose owner process is gone (``harness.lib.locks.owner_state``, as ``harness
+status`` decides: its pid no longer exists on this host, or from another host its heartbeat is
+stale; with the results folder also the trial's lock) is counted as ``stale``, apart from the live
+``running`` ones: ``no result (1 stale: owner gone since 2026-12-01 14:02 UTC)``, the time being
+the last heartbeat the record holds (``record_status``, ``mark_stale``).
+
 A ``ScoreCell`` (harmfulness, toxicity) is built from the per-prompt scores of the samples files
 instead: the mean over every (seed, prompt) score with a 95% bootstrap CI (over prompts; two-stage
 over seeds and prompts when the cell has several seeds: ``leaderboards.stats``), the number of
@@ -22,13 +28,17 @@ long frame of the numbers behind every cell (``cells.csv``), the caption and its
 from __future__ import annotations
 
 import math
+import os
 import statistics
+import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import pandas as pd
 
+from harness.api.record import TrialRecord
+from harness.lib.locks import lock_path, owner_state
 from leaderboards import stats
 from leaderboards.views import BASE, FAILED_STATUSES, PromptRow, TrialView
 
@@ -41,9 +51,55 @@ LONG_COLUMNS = ["defence", "column", "mean", "std", "ci_lo", "ci_hi", "ci_method
                 "mark", "samples_missing", "failed", "text"]
 
 
-def failure_text(fails: Counter) -> str:
-    """``"2 error, 1 oom"``: failed records by status, in a stable order."""
-    return ", ".join(f"{fails[s]} {s}" for s in sorted(fails))
+STALE = "stale"
+"""The status a cell counts a ``running`` record under when its owner process is gone."""
+
+
+def record_status(rec: TrialRecord, results_dir: str | os.PathLike | None = None) -> str:
+    """``rec.status``, except ``stale`` for a ``running`` record whose owner is dead: judged by the
+    owner it names (pid on this host, heartbeat from another host) and, given ``results_dir``,
+    the trial's lock (``<results_dir>/.locks/<trial>.lock``), as ``harness status`` does."""
+    if rec.status != "running":
+        return rec.status
+    lock = lock_path(results_dir, rec.trial_id) if results_dir is not None else None
+    state, _ = owner_state(rec.owner, lock)
+    return STALE if state == "dead" else rec.status
+
+
+def last_seen(rec: TrialRecord) -> Optional[float]:
+    """Unix time of the last sign of life a record holds: its owner's heartbeat (else its start)."""
+    owner = rec.owner or {}
+    for value in (owner.get("heartbeat"), owner.get("started")):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+    return None
+
+
+def utc_text(t: Optional[float]) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t)) if t is not None else "an unknown time"
+
+
+def mark_stale(views: Iterable[TrialView], results_dir: str | os.PathLike | None = None) -> int:
+    """Give every view of a dead ``running`` record the status ``stale`` (``record_status``);
+    returns how many. Cells judge unmarked views by their owner alone."""
+    n = 0
+    for v in views:
+        if v.status == "running" and record_status(v.record, results_dir) == STALE:
+            v.status = STALE
+            n += 1
+    return n
+
+
+def view_status(view: TrialView) -> str:
+    """The status a cell counts ``view`` under (``stale`` for a dead ``running`` record)."""
+    return STALE if view.status == "running" and record_status(view.record) == STALE else view.status
+
+
+def failure_text(fails: Counter, stale_since: Optional[float] = None) -> str:
+    """``"2 error, 1 oom"``: failed records by status, in a stable order; stale records say since
+    when their owner is gone (``1 stale: owner gone since 2026-12-01 14:02 UTC``)."""
+    return ", ".join(f"{fails[s]} {s}" + (f": owner gone since {utc_text(stale_since)}" if s == STALE else "")
+                     for s in sorted(fails))
 
 
 @dataclass
@@ -55,14 +111,18 @@ class Cell:
     not_measured: int = 0
     trials: int = 0
     text_override: Optional[str] = None
+    stale_seen: dict[str, float] = field(default_factory=dict)  # seed -> last sign of life of its stale records
 
     def add(self, view: TrialView, value: Optional[float]) -> None:
         self.trials += 1
         seed = str(view.seed)
+        status = view_status(view)
         if value is not None:
             self.per_seed.setdefault(seed, []).append(value)
-        elif view.status != "ok":
-            self.failures[(seed, view.status)] += 1
+        elif status != "ok":
+            self.failures[(seed, status)] += 1
+            if status == STALE:
+                _note_stale(self.stale_seen, seed, view)
         else:
             self.not_measured += 1
 
@@ -93,7 +153,7 @@ class Cell:
 
     @property
     def failure_text(self) -> str:
-        return failure_text(self.failure_counts)
+        return failure_text(self.failure_counts, _stale_since(self.stale_seen, set(self.per_seed)))
 
     def text(self, mark: str = "") -> str:
         if self.text_override is not None:
@@ -110,6 +170,17 @@ class Cell:
         if self.trials:
             return "not measured"
         return "not run"
+
+
+def _note_stale(seen: dict[str, float], cluster: str, view: TrialView) -> None:
+    t = last_seen(view.record)
+    seen[cluster] = max(seen.get(cluster, -math.inf), t if t is not None else -math.inf)
+
+
+def _stale_since(seen: dict[str, float], done: set) -> Optional[float]:
+    """The latest sign of life of the stale records counted (those of clusters without a value)."""
+    times = [t for c, t in seen.items() if c not in done and t > -math.inf]
+    return max(times) if times else None
 
 
 _STATS_CACHE: dict = {}
@@ -156,6 +227,7 @@ class ScoreCell:
     reference: Optional["ScoreCell"] = None  # the base model's cell for the paired test
     seed: int = 0
     note: str = ""  # appended to the text (e.g. which attack a worst-case cell is)
+    stale_seen: dict[str, float] = field(default_factory=dict)  # cluster -> last sign of life of its stale records
     _memo: dict = field(default_factory=dict, repr=False, compare=False)
 
     def add(self, view: TrialView, phase: str, evaluation: str, cluster: Optional[str] = None,
@@ -166,8 +238,11 @@ class ScoreCell:
         cluster = str(view.seed) if cluster is None else cluster
         mean = view.score(phase, evaluation, "mean")
         rows = view.rows(phase)
-        if view.status != "ok" and (mean is None or rows is None):
-            self.failures[(cluster, view.status)] += 1  # unfinished records write no samples file
+        status = view_status(view)
+        if status != "ok" and (mean is None or rows is None):
+            self.failures[(cluster, status)] += 1  # unfinished records write no samples file
+            if status == STALE:
+                _note_stale(self.stale_seen, cluster, view)
             return
         if rows is None:
             if mean is None:
@@ -196,8 +271,24 @@ class ScoreCell:
         return bool(self.groups)
 
     @property
+    def prompt_counts(self) -> list[int]:
+        """Prompts scored in each cluster (seed, or (attack, seed) run): seeds may draw different prompts."""
+        return [len(g) for _, g in sorted(self.groups.items())]
+
+    @property
     def n_prompts(self) -> int:
-        return len({k for g in self.groups.values() for k in g})
+        """Prompts per cluster when every cluster has the same number (the usual case), else the
+        largest; never the union over clusters (disjoint draws per seed would inflate it)."""
+        counts = self.prompt_counts
+        return max(counts) if counts else 0
+
+    @property
+    def n_label(self) -> str:
+        """``n=32×3`` (prompts per seed × seeds); ``n=95 (31-32 × 3)`` when the clusters differ."""
+        counts = self.prompt_counts
+        if len(set(counts)) <= 1:
+            return f"n={self.n_prompts}×{self.n_seeds}"
+        return f"n={sum(counts)} ({min(counts)}-{max(counts)}×{len(counts)})"
 
     @property
     def n_seeds(self) -> int:
@@ -264,7 +355,7 @@ class ScoreCell:
 
     @property
     def failure_text(self) -> str:
-        return failure_text(self.failure_counts)
+        return failure_text(self.failure_counts, _stale_since(self.stale_seen, set(self.groups) | set(self.record_means)))
 
     def text(self, mark: str = "") -> str:
         if self.text_override is not None:
@@ -275,7 +366,7 @@ class ScoreCell:
         if est is not None:
             fr = self.fractions()
             head = f"{fmt(est.mean)} [{fmt(est.lo)}, {fmt(est.hi)}]" + (f" {mark}" if mark else "")
-            notes = [f"n={self.n_prompts}×{self.n_seeds}", f"empty {fmt(fr['frac_empty'])}"]
+            notes = [self.n_label, f"empty {fmt(fr['frac_empty'])}"]
             if fr["frac_degenerate"]:
                 notes.append(f"degenerate {fmt(fr['frac_degenerate'])}")
             notes.append(f">0.5 {fmt(fr['frac_harmful'])}")
@@ -494,7 +585,7 @@ def score_caption(cells: Iterable[Any], what: str = "harm") -> str:
     miss = (f" {missing} finished record(s) have no per-prompt scores (samples file missing): counted in their "
             f"cells; a cell with none shows the records' mean without a CI." if missing else "")
     return (f"Cells: mean per-prompt score [95% CI: {ci_methods(cells)}, {stats.N_BOOT} resamples] "
-            f"(n = prompts × seeds; empty: fraction of empty answers, scored 0 as in the reference; degenerate: "
+            f"(n = prompts per seed × seeds; empty: fraction of empty answers, scored 0 as in the reference; degenerate: "
             f"fraction the scorer flags as degenerate, where it flags any; >0.5: fraction scored strictly above "
             f"0.5). {MARK_LOWER}/{MARK_HIGHER}: significantly less/more {what} than the base model ({BASE}) on "
             f"the same (seed, prompt) pairs, {stats.PAIRED_TEST_NAME}, p < {stats.ALPHA}; no mark: no "

@@ -247,3 +247,13 @@ def test_run_summary_shows_measurements_not_settings():
     assert "ROUGE-1 0.410" in text and "harmful loss 2.500 (ppl 12.18)" in text
     for setting in ("lr ", "epochs", "train_samples", "max_new_tokens", "max_length", "0.000"):
         assert setting not in text, setting
+
+
+def test_n_counts_prompts_per_seed_not_the_union_of_disjoint_draws():
+    """Each seed draws its own 32 prompts (disjoint across seeds): n is 32 x 3, not 96 x 3."""
+    from leaderboards.cells import ScoreCell
+
+    cell = ScoreCell(groups={str(s): {(f"p{s}-{i}", 0): [1.0] for i in range(32)} for s in range(3)})
+    assert cell.n_prompts == 32 and cell.n_seeds == 3 and cell.n_label == "n=32×3"
+    uneven = ScoreCell(groups={"0": {(f"a{i}", 0): [0.0] for i in range(31)}, "1": {(f"b{i}", 0): [1.0] for i in range(32)}})
+    assert uneven.n_label == "n=63 (31-32×2)" and uneven.n_prompts == 32
