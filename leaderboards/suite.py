@@ -17,7 +17,11 @@ A suite is a YAML file in ``leaderboards/suites/`` (or any path)::
     tolerances:                      # rules tried before the defaults (leaderboards/nightly.py); first match wins
       - {match: "post_attack/harmfulness/*", defence: "*", abs: 0.1, k_std: 2, direction: higher_is_worse}
 
-Every mistake is a ``ConfigError`` of one line naming the suite, the key and what is allowed.
+Every mistake is a ``ConfigError`` of one line naming the suite, the key and what is allowed. The
+file is read with the checked reader (``harness.api.safeio.load_yaml``): a folder, FIFO, binary or
+non-UTF-8 file, a file over ``HARNESS_MAX_CONFIG_MB``, YAML whose aliases expand past
+``MAX_YAML_NODES`` values (a "billion laughs") or nesting past ``MAX_DEPTH`` is refused in one line
+before anything is built.
 Running a suite (building its models, running its trials) is ``harness.sweep.nightly``.
 """
 
@@ -28,9 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from harness.api.errors import ConfigError
+from harness.api.safeio import check_path, parse_yaml, read_text
 
 SUITE_DIR = Path(__file__).resolve().parent / "suites"
 DIRECTIONS = ("higher_is_worse", "lower_is_worse", "both", "info")
@@ -110,19 +113,14 @@ def check_rule(rule: Any, where: str) -> dict[str, Any]:
 
 def load_suite(name_or_path: str) -> Suite:
     """A suite by name (``leaderboards/suites/<name>.yaml``) or by the path of a YAML file."""
-    path = Path(name_or_path)
+    path = check_path(name_or_path, "suite")
     if path.suffix not in (".yaml", ".yml"):
         path = SUITE_DIR / f"{name_or_path}.yaml"
         if not path.exists():
             raise ConfigError(f"unknown suite {name_or_path!r}; known suites: {', '.join(suite_names()) or '(none)'} "
                               f"(or give a path to a YAML file)")
-    if not path.exists():
-        raise ConfigError(f"suite file {str(path)!r} does not exist")
-    text = path.read_text()
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"suite file {str(path)!r} is not valid YAML: {exc}") from None
+    text = read_text(path, "suite file")
+    raw = parse_yaml(text, f"suite file {str(path)!r}")
     if not isinstance(raw, dict):
         raise ConfigError(f"suite file {str(path)!r} must hold a mapping")
     unknown = sorted(set(raw) - SUITE_KEYS)

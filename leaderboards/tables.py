@@ -38,7 +38,7 @@ from harness.api.record import TrialRecord
 from leaderboards import stats
 from leaderboards.categories import category_tables
 from leaderboards.cells import (MARK_HIGHER, MARK_LOWER, Cell, ReductionCell, ScoreCell, Table, build_table,
-                                caption_tail, context, eval_groups, groups, n_seeds, score_caption)
+                                caption_tail, context, eval_groups, groups, mark_stale, n_seeds, score_caption)
 from leaderboards.views import (BASE, EVALUATIONS, Samples, TrialView, attack_sort_key, cross_domain, defence_order,
                                 get, number, scorer_detail, trial_views)
 
@@ -271,11 +271,15 @@ def criteria_tables(views: Sequence[TrialView]) -> list[Table]:
     return out
 
 
-def build_tables(records: Iterable[TrialRecord], samples: Optional[Mapping[str, Samples]] = None) -> list[Table]:
+def build_tables(records: Iterable[TrialRecord], samples: Optional[Mapping[str, Samples]] = None,
+                 results_dir: Optional[Any] = None) -> list[Table]:
     """Every table the records support, in a fixed order: the headline criteria first, then the
     per-evaluation harm tables, per-category harm, capability, trainability. ``samples``
-    (``views.load_samples``): the per-prompt scores; without them every score cell says so."""
+    (``views.load_samples``): the per-prompt scores; without them every score cell says so.
+    ``results_dir``: the records' folder, whose trial locks tell a live ``running`` record from a
+    dead one (``stale``, ``cells.mark_stale``); without it the record's owner alone decides."""
     views = trial_views(records, samples if samples is not None else {})
+    mark_stale(views, results_dir)
     tables: list[Table] = []
     if views:
         tables += criteria_tables(views)

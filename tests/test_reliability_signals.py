@@ -240,6 +240,58 @@ def test_two_runs_of_one_trial_and_of_one_defence(tiny_dir, tmp_path):
     assert rec_a["status"] == "ok" and rec_a["defence_checkpoint"]["reused"] is False and not rec_a["attempts"]
 
 
+SWEEP_DEFENCE_TASK = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import fault_driver
+fault_driver.setup_process()
+from harness.pipeline.state import TrialPaths
+from harness.sweep.worker import stage_defence
+out, model = sys.argv[2], sys.argv[3]
+spec = fault_driver.make_spec(model)
+storage = TrialPaths.of(out, None).checkpoints
+res = stage_defence(spec, out, storage, {"kind": "defence", "id": "defence:test"})
+print(json.dumps({"key": spec.defence_key(), "checkpoint": res["checkpoint"]}))
+"""
+
+
+def test_sweep_defence_task_and_harness_run_do_not_both_train(tiny_dir, tmp_path):
+    """A ``harness run`` (A) pauses while it trains the defended checkpoint, holding the defence
+    key's lock; a sweep's defence task (B, ``harness.sweep.worker.stage_defence`` in its own process)
+    for the same defended model waits for that lock, then reuses A's checkpoint instead of training
+    it a second time."""
+    out = tmp_path / "results"
+    a = Run(tmp_path, tiny_dir, out, pause_at="defence", name="a")
+    a.wait_ready()
+    env = {**os.environ, "PYTHONPATH": str(DRIVER.parent.parent), "HARNESS_CACHE": str(tmp_path / "cache")}
+    b_err = open(tmp_path / "b.err", "w")
+    b = subprocess.Popen([sys.executable, "-c", SWEEP_DEFENCE_TASK, str(DRIVER.parent), str(out), str(tiny_dir)],
+                         env=env, stdout=subprocess.PIPE, stderr=b_err, text=True)
+    try:
+        t0 = time.time()
+        while f"is being trained by pid {a.pid}" not in (tmp_path / "b.err").read_text():
+            assert b.poll() is None, (tmp_path / "b.err").read_text()[-3000:]
+            assert time.time() - t0 < 180, "the sweep task did not wait for the defence lock"
+            time.sleep(0.05)
+        key_dirs = [p for p in (out / "checkpoints").iterdir() if not p.name.startswith(".")]
+        assert not any((p / ".complete").exists() for p in key_dirs)  # nobody finished it yet
+        a.go.write_text("go")
+        assert a.finish() == 0, a.err[-3000:]
+        b_out, _ = b.communicate(timeout=300)
+    finally:
+        if b.poll() is None:
+            b.kill()
+        b_err.close()
+    err = (tmp_path / "b.err").read_text()
+    assert b.returncode == 0, err[-3000:]
+    res = json.loads(b_out.strip().splitlines()[-1])
+    assert res["checkpoint"]["reused"] is True, res
+    assert "reusing it" in err and "waited" in err
+    rec = _record(out)
+    assert rec["status"] == "ok" and rec["defence_checkpoint"]["reused"] is False
+    assert rec["defence_checkpoint"]["key"] == res["key"]
+
+
 def test_stale_partial_checkpoint_is_removed_on_the_next_run_of_its_key(tiny_dir, tmp_path):
     """A real SIGKILL while the checkpoint's weights are written (fault_driver's save_weights point), then
     a planted partial copy of a dead pid: the next run of that key removes both and trains."""

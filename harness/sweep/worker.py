@@ -5,10 +5,18 @@ the cell's trial and runs ``run_stages(trial, kind)`` (the stages of that kind a
 need, loading whatever an earlier task left on disk), then notes where its output went; the
 ``cell`` task is ``run_trial`` itself, which writes the record. Plain Python: no Ray needed to call
 these functions (the tests call them directly).
+
+The ``defence`` task trains under the defence key's lock (``<storage>/.locks/<key>.lock``,
+``harness.lib.checkpoints.checkpoint_lock``), the lock ``harness run`` takes in its defence stage:
+a sweep and a ``harness run`` (or two sweeps) sharing a checkpoint folder never train the same
+defended checkpoint at once; the later one waits, then reuses the checkpoint (docs/reliability.md,
+"Two runs at once").
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import shutil
 import socket
 from pathlib import Path
@@ -16,13 +24,17 @@ from typing import Any, Optional
 
 from harness.api.config import RunSpec, validate
 from harness.api.errors import HarnessError
-from harness.lib.checkpoints import is_complete
+from harness.lib.checkpoints import checkpoint_lock, is_complete
+from harness.lib.locks import describe_owner, new_owner
 from harness.lib.store import atomic_write_json
-from harness.pipeline.stages import run_stages
+from harness.pipeline.stages import run_stage, run_stages, stages_for_task
 from harness.pipeline.state import BaseModel, Trial, TrialPaths, open_trial
 from harness.pipeline.trial import run_trial
 from harness.sweep.dag import attacked_folder, stage_marker
 from harness.sweep.fsdp import train_fsdp
+
+log = logging.getLogger("harness.sweep.worker")
+
 
 class StageError(HarnessError):
     """A task cannot do its work on this node (its input is missing, or it ran out of memory)."""
@@ -67,11 +79,33 @@ def stage_base(spec: RunSpec, output: Path, storage: Path, payload: dict) -> dic
     return {"path": str(path)}
 
 
+def _defence_lock(spec: RunSpec, storage: Path, payload: dict):
+    """The defence key's lock (see the module docstring), or nothing for the base model."""
+    if spec.defence.name == "none":
+        return contextlib.nullcontext()
+    key = spec.defence_key()
+    owner = {**new_owner(), "trial_id": spec.trial_id, "sweep_task": payload.get("id")}
+
+    def on_wait(holder: dict) -> None:
+        log.warning("defence checkpoint %s is being trained by %s (trial %s): waiting for it, then reusing it", key,
+                    describe_owner(holder), holder.get("trial_id", "?"))
+
+    return checkpoint_lock(storage / key, owner, on_wait, what=f"defence {key}")
+
+
 def stage_defence(spec: RunSpec, output: Path, storage: Path, payload: dict) -> dict[str, Any]:
     if payload.get("workers", 1) > 1:
-        return train_fsdp("defence", spec, output, storage, storage / spec.defence_key(), workers=payload["workers"],
-                          use_gpu=payload["use_gpu"], plugins=payload.get("plugins"))
-    t = run_stages(_open(spec, output, storage), "defence")
+        with _defence_lock(spec, storage, payload):
+            return train_fsdp("defence", spec, output, storage, storage / spec.defence_key(),
+                              workers=payload["workers"], use_gpu=payload["use_gpu"], plugins=payload.get("plugins"))
+    t = _open(spec, output, storage)
+    for stage in stages_for_task("defence"):  # what run_stages(t, "defence") runs, the defence stage locked
+        with _defence_lock(spec, storage, payload) if stage.name == "defence" else contextlib.nullcontext() as lock:
+            if lock is not None and lock.waited_for is not None:
+                log.warning("defence checkpoint %s: waited %.0fs for %s; %s", spec.defence_key(), lock.waited_s,
+                            describe_owner(lock.waited_for), "reusing it" if is_complete(storage / spec.defence_key())
+                            else "it did not finish, training it here")
+            run_stage(t, stage)
     return {"checkpoint": t.record.defence_checkpoint.model_dump(mode="json")}
 
 
