@@ -475,7 +475,8 @@ def test_cli_leaderboard_writes_tables_and_plots(results_dir, tmp_path):
     assert text.split("\n## Figures")[0] == expected  # the same tables, then the figures
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert pngs == ["harmfulness_by_category-1.png", "harmfulness_by_category-2.png", "harmfulness_vs_lr-1.png",
-                    "harmfulness_vs_lr-2.png", "toxicity_by_category.png", "toxicity_vs_lr.png"]
+                    "harmfulness_vs_lr-2.png", "toxicity_by_category.png", "toxicity_vs_lr.png",
+                    "worstcase.png"]  # two attacks per defence: the worst-case heat map (tests/test_worstcase.py)
     assert all((out / p).stat().st_size > 1000 for p in pngs)
     assert "![toxicity_vs_lr](toxicity_vs_lr.png)" in text
     assert (out / "tables.tex").exists() and (out / "generations.html").exists()

@@ -2,6 +2,11 @@
 
     harness leaderboard RESULTS_DIR --out leaderboards/NAME [--format md,csv,html,tex] [--no-plots]
                         [--examples N] [--title TEXT]
+
+``harness leaderboard`` also writes the worst-case table (``worstcase.<format>``) and its heat map
+(``worstcase.png``, listed with the figures) when the records hold a worst-case search or a defence
+attacked by several attacks (``leaderboards.worstcase.applies``); otherwise it removes an earlier
+one of the formats it writes.
     harness nightly [--suite smoke] [--output DIR] [--baseline FILE] [--update-baseline]
                     [--set KEY=VALUE ...] [--model ID_OR_FOLDER] [--reuse] [--keep-checkpoints]
 """
@@ -50,9 +55,19 @@ def cmd_leaderboard(args) -> int:
         from leaderboards.plots import all_plots  # matplotlib
 
         figures = [str(p.relative_to(out)) for p in all_plots(records, results, out, samples)]
+    # the worst-case table and heat map, when the records hold a search or several attacks per defence
+    from leaderboards import worstcase
+
+    worst: list[Path] = []
+    if worstcase.applies(records, results):
+        title = f"Worst case: {args.title or out.name}"
+        worst = worstcase.write(results, out, records, formats, plots=not args.no_plots, title=title)
+        figures += [str(p.relative_to(out)) for p in worst if p.suffix == ".png"]
+    else:
+        worstcase.remove_stale(out, formats, plots=not args.no_plots)
     written = write_leaderboard(records, out, formats, title=args.title or f"Leaderboard: {out.name}", figures=figures,
                                 errors=errors, samples=samples, examples=args.examples)
-    for path in written + [out / f for f in figures]:
+    for path in written + [out / f for f in figures if not f.startswith(worstcase.STEM + ".")] + worst:
         print(path)
     return 0
 
@@ -85,7 +100,8 @@ def register(subparsers) -> None:
         description="Build the leaderboard tables (immunization criteria, harmfulness/toxicity with 95%% CIs and "
                     "paired tests against the base model from the per-prompt samples, per-category harm, "
                     "capability, trainability), side-by-side generations and PNG plots from the result records "
-                    "in RESULTS_DIR.")
+                    "in RESULTS_DIR; with a worst-case search (harness search) or several attacks per defence, also "
+                    "the worst-case table (worstcase.*) and heat map (worstcase.png).")
     p.add_argument("results", metavar="RESULTS_DIR", help="folder of result records (harness run --output)")
     p.add_argument("--out", required=True, help="output folder, e.g. leaderboards/smoke")
     p.add_argument("--format", default="md,csv", help="comma-separated: md, csv, html, tex (default md,csv)")

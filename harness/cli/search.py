@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 
+from harness.cli.grid_options import add_grid_options, add_run_options
+
 
 def _space_overrides(items) -> dict:
     from harness.api.config import parse_value
@@ -29,13 +31,15 @@ def build(args):
     from harness.sweep.search import Search, SearchSettings, searches_from_file
 
     overrides = {k: v for k, v in (("budget", args.budget), ("epsilon", args.epsilon), ("algorithm", args.algorithm),
-                                   ("concurrency", args.concurrency), ("num_gpus", args.num_gpus)) if v is not None}
+                                   ("harm", args.harm), ("concurrency", args.concurrency), ("num_gpus", args.num_gpus))
+                 if v is not None}
     space = _space_overrides(args.space)
     sets = list(args.sets) + ([f"model.device={args.device}"] if args.device else [])
     if args.spec:
         if args.defence or args.attack:
             raise ConfigError("harness search: give a sweep file or --defence/--attack, not both")
-        searches = searches_from_file(args.spec, None, output=args.output, extra_sets=sets, overrides=overrides)
+        searches = searches_from_file(args.spec, None, output=args.output, extra_sets=sets, overrides=overrides,
+                                      model=args.model, seed=args.seed)
         for s in searches:
             s.space_overrides.update(space)
         return searches
@@ -82,24 +86,20 @@ def register(sub) -> None:
                        description="Search the attack's hyper-parameters for the most harmful attack whose capability "
                                    "drop stays within --epsilon of the defended model; every trial is an ordinary "
                                    "record. Re-running the same command resumes.")
-    p.add_argument("spec", nargs="?", help="sweep file with a search: section (one search per defence x attack)")
+    add_grid_options(p, "search")  # SPEC, --preset, --model, --set (shared with harness sweep)
     p.add_argument("--defence", "--defense", help="defence name (default none)")
     p.add_argument("--attack", help="attack name")
-    p.add_argument("--preset", default="smoke", help="preset name or YAML file (default smoke)")
-    p.add_argument("--model", help="model id or folder; default: the preset's")
     p.add_argument("--seed", type=int, help="random seed of the trials; default: the preset's")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a dotted key of every trial's spec (repeatable)")
     p.add_argument("--budget", type=int, help="number of trials (default 32, or the file's)")
     p.add_argument("--epsilon", type=float, help="largest relative capability drop of a feasible attack (default 0.1)")
     p.add_argument("--algorithm", choices=["tpe", "random"], help="search algorithm (default tpe)")
+    p.add_argument("--harm", choices=["score", "answer_loss"],
+                   help="harm measure to maximise: score (the attack's evaluation mean, default) or answer_loss "
+                        "(exp of minus the loss on held-out harmful answers; scorer-free, for tiny models)")
     p.add_argument("--concurrency", type=int, help="trials at once (default 1)")
     p.add_argument("--num-gpus", type=float, help="GPUs per trial (default 0)")
     p.add_argument("--space", action="append", metavar="KEY=RANGE",
                    help="override the attack's range of KEY, e.g. --space 'samples={choice: [16, 32]}'; null drops it")
-    p.add_argument("--output", help="results folder (default results/search, or the file's output)")
-    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where models run")
-    p.add_argument("--dry-run", action="store_true", help="print the search space and an example trial; run nothing")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_run_options(p, "search")  # --output, --address, --dry-run, --no-progress
     p.set_defaults(func=cmd_search)

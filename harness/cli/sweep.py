@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 
+from harness.cli.grid_options import add_grid_options, add_run_options
+
 
 def build_from_args(args):
     """The sweep of the command line: the file (or preset section), then the flags that override it."""
@@ -85,14 +87,9 @@ def register(sub) -> None:
                        description="Expand a sweep file (or a preset's sweep: section) into cells and run its stages "
                                    "(defence once per defended model, pre-attack scores once per defended model, "
                                    "attack + scores per cell) on Ray. Re-running resumes.")
-    p.add_argument("spec", nargs="?", help="sweep YAML file (or a preset file with a sweep: section)")
-    p.add_argument("--preset", help="run this preset's sweep: section (or: the base preset of SPEC)")
-    p.add_argument("--model", action="append", help="replace the models axis (repeatable)")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override applied to every cell, after the sweep's own set: (repeatable)")
-    p.add_argument("--output", help="results folder (default: the sweep's output, else results/<name>)")
+    add_grid_options(p, "sweep")  # SPEC, --preset, --model, --set (shared with harness search)
     p.add_argument("--storage", help="defended-checkpoint folder; a path every node sees (default OUTPUT/checkpoints)")
-    p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else start Ray locally)")
+    add_run_options(p, "sweep")  # --output, --address, --dry-run, --no-progress
     p.add_argument("--num-gpus", type=float, help="GPUs of a local Ray (fake ones on CPU for tests); for --dry-run: "
                                                   "the GPUs to estimate the makespan for")
     p.add_argument("--num-cpus", type=float, help="CPUs of a local Ray")
@@ -103,10 +100,8 @@ def register(sub) -> None:
     p.add_argument("--max-cells", type=int, metavar="N",
                    help="refuse a grid of more than N cells (default: the sweep's max_cells, 5000); counted before "
                         "any cell is built")
-    p.add_argument("--dry-run", action="store_true", help="print the DAG, its GPU hours and expected makespan; run nothing")
     p.add_argument("--json", action="store_true", help="with --dry-run: machine-readable plan")
     p.add_argument("--verbose-plan", action="store_true", help="with --dry-run: list every stage")
-    p.add_argument("--no-progress", action="store_true", help="no live progress line")
     p.add_argument("--worker-logs", action="store_true", help="also stream the workers' logs to this terminal")
     from harness.cli.run import add_device_args
 
