@@ -66,7 +66,7 @@ def cmd_leaderboard(args) -> int:
     else:
         worstcase.remove_stale(out, formats, plots=not args.no_plots)
     written = write_leaderboard(records, out, formats, title=args.title or f"Leaderboard: {out.name}", figures=figures,
-                                errors=errors, samples=samples, examples=args.examples)
+                                errors=errors, samples=samples, examples=args.examples, results_dir=results)
     for path in written + [out / f for f in figures if not f.startswith(worstcase.STEM + ".")] + worst:
         print(path)
     return 0
