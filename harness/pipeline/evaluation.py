@@ -21,7 +21,7 @@ from harness.lib.context import StageContext
 from harness.lib.generation import generate
 from harness.lib.models import ModelSource, cache_root
 from harness.lib.store import atomic_write_json
-from harness.lib.synth import complete
+from harness.lib.synth import complete_many
 from harness.lib.text import format_prompt
 from harness.pipeline.components import Components
 
@@ -45,14 +45,16 @@ def prepare_data(comp: Components, source: ModelSource, base_model: Callable[[],
     parts = dict(parts)
     model_key = f"{source.source}:{source.path}"
     cache_dir = cache_root() / "generated" / _hash(model_key)
+    # every missing text of every role (harmful answers and refusals alike) in one batched pass
+    jobs = [(req.role, kind) for req in reqs for kind in req.needs
+            if datamod.missing(parts[req.role], (kind,))[kind]]
+    filled, infos = complete_many([(parts[role], kind) for role, kind in jobs], None, None, model_key=model_key,
+                                  cache_dir=cache_dir, settings=spec.synth, progress=progress, load=base_model)
     synth_info = []
-    for req in reqs:
-        for kind in req.needs:
-            if datamod.missing(parts[req.role], (kind,))[kind]:
-                parts[req.role], info = complete(parts[req.role], kind, None, None, model_key=model_key,
-                                                 cache_dir=cache_dir, settings=spec.synth, progress=progress,
-                                                 load=base_model)
-                synth_info.append({"role": req.role, **info})
+    for (role, kind), rows, info in zip(jobs, filled, infos):
+        parts[role] = [ex if getattr(ex, kind) else dataclasses.replace(ex, **{kind: getattr(new, kind)})
+                       for ex, new in zip(parts[role], rows)]
+        synth_info.append({"role": role, **info})
     summary = datamod.summarize(parts, reqs)
     summary["synthesized"] = synth_info
     summary["fingerprint"] = {role: _hash([dataclasses.astuple(ex)[:3] for ex in rows]) for role, rows in parts.items()}
@@ -94,8 +96,9 @@ def evaluate_model(comp: Components, model, tokenizer, prompts: list[Example], c
     max_new = getattr(attack.config, "max_new_tokens", None) or spec.eval.max_new_tokens
     texts = [format_prompt(ex.prompt, attack.config.template) for ex in prompts]
     t0 = time.perf_counter()
+    gen_stats: dict[str, Any] = {}
     gens = generate(model, tokenizer, texts, max_new_tokens=max_new, batch_size=spec.eval.batch_size,
-                    progress=ctx.progress, desc=f"{ctx.stage} generate")
+                    progress=ctx.progress, desc=f"{ctx.stage} generate", stats=gen_stats)
     t_gen = time.perf_counter() - t0
     details = comp.scorer.score_details([ex.prompt for ex in prompts], gens)
     scores = [float(d["score"]) for d in details]
@@ -104,7 +107,7 @@ def evaluate_model(comp: Components, model, tokenizer, prompts: list[Example], c
     if comp.fallback_from:
         provenance = {**provenance, "fallback_from": comp.fallback_from}
     out: dict[str, Any] = {name: {**summarize_scores(scores, gens), "scorer": provenance,
-                                  "max_new_tokens": max_new}}
+                                  "max_new_tokens": max_new, "batch_size": gen_stats["batch_size"]}}
     ctx.stats["generate_s"] = round(t_gen, 2)
     log.info("%s %s: mean %.3f, harmful fraction %.3f (n=%d, scorer %s)", ctx.stage, name, out[name]["mean"],
              out[name]["frac_harmful"], len(scores), comp.scorer.registry_name)
