@@ -18,33 +18,25 @@ harmful ones (BeaverTails ``30k_test``; the smoke prompts in the smoke preset).
 
 Defaults: 1000 pairs, 1 epoch (Qi et al. fine-tune one epoch), lr 2e-5, batch 4, Adam, cosine,
 10% warm-up, loss on the answer tokens; LoRA optional (``lora: {r: 8, alpha: 16}``). The search
-space is the SFT attack's (``attacks._sft.SFTAttackConfig``) with lr log-uniform [1e-6, 1e-4].
+space is the SFT attack's (``attacks._sft.SFTAttackConfig``; fields and training shared with harmfulqa
+through ``attacks._sft.QAAttackConfig`` and ``SFTAttack``) with lr log-uniform [1e-6, 1e-4].
 """
 
 from __future__ import annotations
 
-from harness.api.components import Attack, DatasetRef
+from harness.api.components import DatasetRef
 from harness.api.registry import ATTACKS
 from harness.api.space import searchable
-from harness.lib.text import PROMPT_TEMPLATE, RESPONSE_SEPARATOR
 
-from attacks._sft import SFTAttackConfig, sft_attack
+from attacks._sft import QAAttackConfig, SFTAttack
 
 
 @ATTACKS.register("benign")
-class BenignFineTuning(Attack):
+class BenignFineTuning(SFTAttack):
     """Fine-tuning on benign instruction data (Qi et al. 2023), scored on harmful prompts."""
 
     evaluation = "harmfulness"
 
-    class Config(SFTAttackConfig):
+    class Config(QAAttackConfig):
         lr: float = searchable(2e-5, {"log": [1e-6, 1e-4]}, gt=0)
         dataset: DatasetRef = DatasetRef(name="instructions")
-        eval_dataset: DatasetRef = DatasetRef(name="beavertails", split="30k_test")
-        template: str = PROMPT_TEMPLATE
-        separator: str = RESPONSE_SEPARATOR
-
-    def run(self, model, tokenizer, data, ctx):
-        c = self.config
-        return sft_attack(model, tokenizer, data, c, ctx, loss_on=c.loss_on, template=c.template, lora=c.lora,
-                          desc="attack benign", separator=c.separator)

@@ -31,8 +31,8 @@ steps; the search space is lr log-uniform [1e-4, 1e-1], steps {50, 100, 200, 400
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
-import torch
 from pydantic import Field
 
 from harness.api.components import Attack, ComponentConfig, DatasetRef
@@ -40,7 +40,9 @@ from harness.api.errors import ConfigError, DivergedError
 from harness.api.registry import ATTACKS
 from harness.api.space import searchable
 from harness.lib.text import PROMPT_TEMPLATE, RESPONSE_SEPARATOR, batches, sft_batch
-from harness.lib.training import autocast
+
+if TYPE_CHECKING:  # torch is imported by the code that runs: validating the Config needs none
+    import torch
 
 
 class SoftPromptGenerate:
@@ -55,6 +57,8 @@ class SoftPromptGenerate:
         self.soft_prompt = soft_prompt.detach()
 
     def __call__(self, input_ids=None, attention_mask=None, **kwargs):
+        import torch
+
         if input_ids is None:
             raise ValueError("a soft-prompted model generates from input_ids")
         if attention_mask is None:
@@ -113,6 +117,10 @@ class EmbeddingAttack(Attack):
         return out
 
     def run(self, model, tokenizer, data, ctx):
+        import torch
+
+        from harness.lib.training import autocast
+
         c = self.config
         rows = [ex for ex in data if ex.response]
         if not rows:
@@ -128,6 +136,7 @@ class EmbeddingAttack(Attack):
         tensors = [sft_batch(tokenizer, [rows[i].prompt for i in chunk], [targets[i] for i in chunk], c.max_length,
                              loss_on="response", template=c.template, separator=c.separator).to(ctx.device)
                    for chunk in batches(order, c.batch_size)]
+        trainable = [p.requires_grad for p in model.parameters()]
         for p in model.parameters():
             p.requires_grad_(False)
         opt = torch.optim.Adam([soft], lr=c.lr)
@@ -153,9 +162,9 @@ class EmbeddingAttack(Attack):
                 loss.backward()
                 opt.step()
                 losses.append(float(loss.detach()))
-        finally:
-            for p in model.parameters():
-                p.requires_grad_(True)
+        finally:  # as the model came (a defence's frozen adapter stays frozen)
+            for p, flag in zip(model.parameters(), trainable):
+                p.requires_grad_(flag)
         seconds = time.perf_counter() - t0
         ctx.stats["train"] = {"steps": c.steps, "micro_steps": c.steps, "seconds": round(seconds, 3),
                               "first_loss": losses[0], "final_loss": losses[-1],

@@ -18,26 +18,16 @@ Scored with the harmfulness evaluation on ``eval_dataset`` (BeaverTails ``30k_te
 
 from __future__ import annotations
 
-from harness.api.components import Attack, DatasetRef
 from harness.api.registry import ATTACKS
-from harness.lib.text import PROMPT_TEMPLATE, RESPONSE_SEPARATOR
 
-from attacks._sft import SFTAttackConfig, sft_attack
+from attacks._sft import QAAttackConfig, SFTAttack
 
 
 @ATTACKS.register("harmfulqa")
-class HarmfulQA(Attack):
+class HarmfulQA(SFTAttack):
     """Harmful fine-tuning on harmful QA pairs (BeaverTails by default), full-parameter or LoRA."""
 
     evaluation = "harmfulness"
 
-    class Config(SFTAttackConfig):
-        dataset: DatasetRef = DatasetRef(name="beavertails", split="30k_train")
-        eval_dataset: DatasetRef = DatasetRef(name="beavertails", split="30k_test")
-        template: str = PROMPT_TEMPLATE
-        separator: str = RESPONSE_SEPARATOR
-
-    def run(self, model, tokenizer, data, ctx):
-        c = self.config
-        return sft_attack(model, tokenizer, data, c, ctx, loss_on=c.loss_on, template=c.template, lora=c.lora,
-                          desc="attack harmfulqa", separator=c.separator)
+    class Config(QAAttackConfig):  # the shared QA attack fields and defaults (attacks._sft)
+        pass

@@ -10,7 +10,11 @@ low-rank update, and only ``A`` and ``B`` train on the harmful QA pairs,
     L(A, B) = - sum_t log p_{W'}(y_t | x, y_<t)        (answer tokens; ``loss_on: all`` as harmfulqa)
 
 After training the update is merged into ``W`` (``merge_and_unload``), so the attacked model is an
-ordinary model for the evaluation. Data, text format and scheduler are harmfulqa's.
+ordinary model for the evaluation. Against a defence that hands the attack a PEFT model (security
+vectors: its adapter active and frozen), the attack's adapter is added beside the defence's, both
+active while only the attack's trains; its update is then merged into ``W`` and its adapter
+removed, leaving the defence's adapter as it was (``attacks._sft``). Data, text format and
+scheduler are harmfulqa's.
 
 Defaults: rank ``r`` 8, ``alpha`` 16, dropout 0.05, ``target_modules`` null (PEFT's default for the
 architecture: the attention query/value projections of Llama-style models), lr 1e-4 (an adapter
@@ -26,31 +30,25 @@ from typing import ClassVar, Optional
 from pydantic import Field, model_validator
 from pydantic_core import PydanticCustomError
 
-from harness.api.components import Attack, DatasetRef
 from harness.api.registry import ATTACKS
 from harness.api.space import searchable
-from harness.lib.text import PROMPT_TEMPLATE, RESPONSE_SEPARATOR
 
-from attacks._sft import LoraSpec, SFTAttackConfig, sft_attack
+from attacks._sft import LoraSpec, QAAttackConfig, SFTAttack
 
 
 @ATTACKS.register("lora")
-class LoRAAttack(Attack):
+class LoRAAttack(SFTAttack):
     """Harmful fine-tuning through a LoRA adapter (PEFT), merged into the weights afterwards."""
 
     evaluation = "harmfulness"
 
-    class Config(SFTAttackConfig):
+    class Config(QAAttackConfig):
         lr: float = searchable(1e-4, {"log": [1e-5, 1e-2]}, gt=0)
         r: int = searchable(8, {"choice": [4, 8, 16, 32, 64]}, gt=0)
         alpha: int = searchable(16, {"choice": [8, 16, 32, 64, 128]}, gt=0)
         dropout: float = Field(0.05, ge=0, lt=1)
         target_modules: Optional[list[str]] = None  # None: PEFT's default for the architecture
         search_ranges: ClassVar[dict] = {"lora": None}  # r/alpha are the adapter's axes here
-        dataset: DatasetRef = DatasetRef(name="beavertails", split="30k_train")
-        eval_dataset: DatasetRef = DatasetRef(name="beavertails", split="30k_test")
-        template: str = PROMPT_TEMPLATE
-        separator: str = RESPONSE_SEPARATOR
 
         @model_validator(mode="after")
         def _no_nested_lora(self):
@@ -69,10 +67,12 @@ class LoRAAttack(Attack):
     def trains_adapter_only(cls, config) -> bool:
         return True
 
+    def lora_spec(self) -> LoraSpec:
+        return self.config.spec()
+
     def run(self, model, tokenizer, data, ctx):
         c = self.config
-        attacked = sft_attack(model, tokenizer, data, c, ctx, loss_on=c.loss_on, template=c.template,
-                              lora=c.spec(), desc="attack lora", separator=c.separator)
+        attacked = super().run(model, tokenizer, data, ctx)
         train = ctx.stats.get("train")
         if train is not None:
             train.update({"lora_r": c.r, "lora_alpha": c.alpha, "lora_targets": c.target_modules})

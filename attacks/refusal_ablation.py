@@ -35,9 +35,8 @@ from __future__ import annotations
 
 import random
 import time
-from typing import ClassVar, Optional
+from typing import TYPE_CHECKING, ClassVar, Optional
 
-import torch
 from pydantic import Field
 
 from harness.api.components import Attack, ComponentConfig, DatasetRef
@@ -45,8 +44,10 @@ from harness.api.errors import ConfigError
 from harness.api.registry import ATTACKS
 from harness.api.space import searchable
 from harness.lib.data import load_dataset_ref
-from harness.lib.layers import decoder_layers
 from harness.lib.text import PROMPT_TEMPLATE, RESPONSE_SEPARATOR, encode, ensure_pad_token, format_prompt
+
+if TYPE_CHECKING:  # torch is imported by the functions that run: validating the Config needs none
+    import torch
 
 #: the submodule (path inside a decoder layer) that writes the attention / MLP output into the
 #: residual stream, per architecture family (Llama/Mistral/Qwen/Gemma, GPT-2, GPT-NeoX, OPT, Phi)
@@ -56,36 +57,40 @@ WRITERS = ("self_attn.o_proj", "attn.c_proj", "attention.dense", "self_attn.out_
 POSITION_TABLES = ("transformer.wpe", "model.decoder.embed_positions")
 
 
-@torch.no_grad()
 def mean_activation(model, tokenizer, prompts: list[str], layer: int, position: int, batch_size: int,
                     max_tokens: int = 512) -> torch.Tensor:
     """Mean over ``prompts`` of the residual stream entering decoder layer ``layer`` at token
     ``position`` (from the end), in float32. Prompts are left-padded so ``position`` counts from
     each prompt's own last token; a prompt longer than ``max_tokens`` keeps its last ones."""
-    ensure_pad_token(tokenizer)
-    old_side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    device = next(model.parameters()).device
-    total, n = None, 0
-    try:
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start: start + batch_size]
-            ids = [encode(tokenizer, p)[-max_tokens:] for p in chunk]
-            short = min(len(i) for i in ids)
-            if -position > short:
-                raise ConfigError(f"attack.position = {position}: a prompt has only {short} tokens")
-            enc = tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt").to(device)
-            out = model(**enc, output_hidden_states=True)
-            h = out.hidden_states[layer][:, position, :].float()
-            total = h.sum(0) if total is None else total + h.sum(0)
-            n += h.shape[0]
-    finally:
-        tokenizer.padding_side = old_side
-    return total / n
+    import torch
+
+    with torch.no_grad():
+        ensure_pad_token(tokenizer)
+        old_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+        device = next(model.parameters()).device
+        total, n = None, 0
+        try:
+            for start in range(0, len(prompts), batch_size):
+                chunk = prompts[start: start + batch_size]
+                ids = [encode(tokenizer, p)[-max_tokens:] for p in chunk]
+                short = min(len(i) for i in ids)
+                if -position > short:
+                    raise ConfigError(f"attack.position = {position}: a prompt has only {short} tokens")
+                enc = tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt").to(device)
+                out = model(**enc, output_hidden_states=True)
+                h = out.hidden_states[layer][:, position, :].float()
+                total = h.sum(0) if total is None else total + h.sum(0)
+                n += h.shape[0]
+        finally:
+            tokenizer.padding_side = old_side
+        return total / n
 
 
 def _writers(model) -> list[torch.nn.Module]:
     """The modules that write into the residual stream: per decoder layer, its attention and MLP
     output projections (the PEFT-wrapped base layer when an adapter wraps one)."""
+    from harness.lib.layers import decoder_layers
+
     out = []
     for i, layer in enumerate(decoder_layers(model)):
         found = []
@@ -104,40 +109,42 @@ def _writers(model) -> list[torch.nn.Module]:
     return out
 
 
-@torch.no_grad()
 def orthogonalize(model, direction: torch.Tensor) -> int:
     """Remove the unit ``direction`` from every matrix writing into the residual stream (in place);
     returns the number of matrices changed."""
-    r = direction / direction.norm()
-    tables = [model.get_input_embeddings().weight]  # [vocab, d]: rows live in the residual stream
-    base = getattr(model, "get_base_model", lambda: model)()
-    for path in POSITION_TABLES:  # learned absolute positions also write into the stream (GPT-2, OPT)
-        obj = base
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-        if obj is not None and getattr(obj, "weight", None) is not None:
-            tables.append(obj.weight)
-    for emb in tables:
-        rr = r.to(emb.device, torch.float32)
-        emb.copy_((emb.float() - (emb.float() @ rr)[:, None] * rr[None, :]).to(emb.dtype))
-    changed = len(tables)
-    d = r.numel()
-    for mod in _writers(model):
-        w = mod.weight
-        rr = r.to(w.device, torch.float32)
-        if w.shape[0] == d and type(mod).__name__ != "Conv1D":  # nn.Linear: [out = d, in]
-            w.copy_((w.float() - rr[:, None] * (rr[None, :] @ w.float())).to(w.dtype))
-        elif w.shape[-1] == d:  # GPT-2 Conv1D: [in, out = d]
-            w.copy_((w.float() - (w.float() @ rr)[:, None] * rr[None, :]).to(w.dtype))
-        else:
-            raise ConfigError(f"refusal_ablation: {type(mod).__name__} weight {tuple(w.shape)} does not write a "
-                              f"{d}-dimensional residual stream")
-        bias = getattr(mod, "bias", None)
-        if bias is not None:
-            b = bias.float()
-            bias.copy_((b - (b @ rr.to(b.device)) * rr.to(b.device)).to(bias.dtype))
-        changed += 1
-    return changed
+    import torch
+
+    with torch.no_grad():
+        r = direction / direction.norm()
+        tables = [model.get_input_embeddings().weight]  # [vocab, d]: rows live in the residual stream
+        base = getattr(model, "get_base_model", lambda: model)()
+        for path in POSITION_TABLES:  # learned absolute positions also write into the stream (GPT-2, OPT)
+            obj = base
+            for part in path.split("."):
+                obj = getattr(obj, part, None)
+            if obj is not None and getattr(obj, "weight", None) is not None:
+                tables.append(obj.weight)
+        for emb in tables:
+            rr = r.to(emb.device, torch.float32)
+            emb.copy_((emb.float() - (emb.float() @ rr)[:, None] * rr[None, :]).to(emb.dtype))
+        changed = len(tables)
+        d = r.numel()
+        for mod in _writers(model):
+            w = mod.weight
+            rr = r.to(w.device, torch.float32)
+            if w.shape[0] == d and type(mod).__name__ != "Conv1D":  # nn.Linear: [out = d, in]
+                w.copy_((w.float() - rr[:, None] * (rr[None, :] @ w.float())).to(w.dtype))
+            elif w.shape[-1] == d:  # GPT-2 Conv1D: [in, out = d]
+                w.copy_((w.float() - (w.float() @ rr)[:, None] * rr[None, :]).to(w.dtype))
+            else:
+                raise ConfigError(f"refusal_ablation: {type(mod).__name__} weight {tuple(w.shape)} does not write a "
+                                  f"{d}-dimensional residual stream")
+            bias = getattr(mod, "bias", None)
+            if bias is not None:
+                b = bias.float()
+                bias.copy_((b - (b @ rr.to(b.device)) * rr.to(b.device)).to(bias.dtype))
+            changed += 1
+        return changed
 
 
 @ATTACKS.register("refusal_ablation")
@@ -172,6 +179,8 @@ class RefusalAblation(Attack):
         return layer
 
     def run(self, model, tokenizer, data, ctx):
+        from harness.lib.layers import decoder_layers
+
         c = self.config
         t0 = time.perf_counter()
         harmful = [format_prompt(ex.prompt, c.template) for ex in data]

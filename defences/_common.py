@@ -1,21 +1,24 @@
 """Helpers shared by the built-in defences: the data-reading config, example checks, batching.
 
-Not a defence itself (nothing here is registered).
+Not a defence itself (nothing here is registered). Importing it loads no torch: a defence's
+``Config`` validates (and bad input is refused) without it; the functions that build tensors or
+train import it when they run.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
 
-from typing import Any, Iterable, Optional, Sequence
-
-import torch
 from pydantic import Field, field_validator
 
 from harness.api.components import DatasetRef, Example, TrainConfig
 from harness.api.errors import DataError
 from harness.lib.text import (PROMPT_TEMPLATE, RESPONSE_SEPARATOR, LossOn, batches, paired_batch, prompt_token_lengths,
                                sft_batch)
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +82,8 @@ def require(data: Sequence[Example], fields: Iterable[str], defence: str) -> lis
 def shuffled(data: Sequence[Any], generator: torch.Generator) -> list[Any]:
     """``data`` in a seeded random order. (The authors' data loaders do not shuffle: they train in
     file order; ``training_order`` with ``shuffle: false`` does the same.)"""
+    import torch
+
     order = torch.randperm(len(data), generator=generator).tolist()
     return [data[i] for i in order]
 
@@ -90,6 +95,8 @@ def training_order(data: Sequence[Any], cfg, ctx) -> list[Any]:
 
 
 def model_device(model) -> torch.device:
+    import torch
+
     try:
         return next(model.parameters()).device
     except StopIteration:  # pragma: no cover - a model without parameters
@@ -97,6 +104,8 @@ def model_device(model) -> torch.device:
 
 
 def to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    import torch
+
     return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
@@ -106,6 +115,8 @@ def make_paired_batches(tokenizer, data: Sequence[Example], batch_size: int, max
     """``(harmful, harmless)`` dicts per batch, as ``harness.lib.text.paired_batch`` builds them
     (right padding with pad = eos to one common length), plus ``prompt_lengths`` (tokens of the
     question formatted with ``template``, for the response-only masks of the corrected losses)."""
+    import torch
+
     out = []
     for chunk in batches(list(data), batch_size):
         prompts = [ex.prompt for ex in chunk]
@@ -148,3 +159,11 @@ def lm_loss(model, batch) -> torch.Tensor:
     """Mean token cross-entropy of an ``SFTBatch`` (labels -100 ignored)."""
     return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels,
                  use_cache=False).loss
+
+
+def train_loop(model, batches, cfg, ctx, **kwargs):
+    """``harness.lib.training.train_loop``, imported when a defence trains (it loads torch). The
+    defences call it by this module-level name, so a test can replace it per defence module."""
+    from harness.lib.training import train_loop as loop
+
+    return loop(model, batches, cfg, ctx, **kwargs)

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from defences._common import DataDefenceConfig, make_paired_batches, model_device, require, training_order
+from defences._common import DataDefenceConfig, make_paired_batches, model_device, require, train_loop, training_order
 from defences.repnoise import DEFAULT_VARIANT, Variant, difference_ce
 from harness.api.components import Defence
 from harness.api.registry import DEFENCES
-from harness.lib.training import train_loop
 
 
 @DEFENCES.register("adversarial_loss")

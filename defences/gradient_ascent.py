@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from defences._common import SFTDefenceConfig, lm_loss, make_sft_batches, model_device, require, training_order
+from defences._common import (SFTDefenceConfig, lm_loss, make_sft_batches, model_device, require, train_loop,
+                              training_order)
 from harness.api.components import Defence
 from harness.api.registry import DEFENCES
-from harness.lib.training import train_loop
 
 
 @DEFENCES.register("gradient_ascent")

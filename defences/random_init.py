@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import copy
 
-import torch
-
 from harness.api.components import ComponentConfig, Defence
-from harness.lib.layers import _arch, _base
 from harness.api.registry import DEFENCES
 
 
@@ -28,6 +25,10 @@ class RandomInit(Defence):
         pass
 
     def apply(self, model, tokenizer, data, ctx):
+        import torch
+
+        from harness.lib.layers import _arch, _base
+
         base = _base(model)
         config = copy.deepcopy(base.config)
         if hasattr(config, "quantization_config"):  # e.g. a GGUF-loaded model; the copy is plain

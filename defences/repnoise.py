@@ -58,18 +58,16 @@ import contextlib
 import functools
 import math
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import TYPE_CHECKING, Literal, Optional
 
-import torch
-import torch.nn.functional as F
 from pydantic import Field
-from torch.utils.checkpoint import checkpoint
 
-from defences._common import DataDefenceConfig, make_paired_batches, model_device, require, training_order
+from defences._common import DataDefenceConfig, make_paired_batches, model_device, require, train_loop, training_order
 from harness.api.components import Defence
-from harness.lib.layers import UnsupportedArchitecture, _arch, _base, decoder_layers, final_norm, lm_head, mlp_modules
 from harness.api.registry import DEFENCES
-from harness.lib.training import autocast, train_loop
+
+if TYPE_CHECKING:  # torch and the layer helpers are imported where the loss runs: the Config validates without them
+    import torch
 
 Variant = Literal["reference", "corrected"]
 VARIANTS = ("reference", "corrected")
@@ -93,6 +91,8 @@ def mmd_loss(x: torch.Tensor, y: torch.Tensor, kernel_mul: float = 2.0, kernel_n
     Pairwise squared distances come from a float64 Gram matrix (no ``(2B, 2B, features)``
     tensor); the base bandwidth is not differentiated, as in the reference.
     """
+    import torch
+
     if x.dim() != 2 or y.dim() != 2 or x.shape != y.shape:
         raise ValueError(f"mmd_loss needs two (batch, features) tensors of one shape, got {tuple(x.shape)} "
                          f"and {tuple(y.shape)}")
@@ -114,6 +114,8 @@ def mmd_loss(x: torch.Tensor, y: torch.Tensor, kernel_mul: float = 2.0, kernel_n
 
 
 def _no_autocast(device: torch.device):
+    import torch
+
     if device.type in ("cuda", "cpu", "xpu", "mps"):
         return torch.autocast(device_type=device.type, enabled=False)
     return contextlib.nullcontext()  # pragma: no cover
@@ -129,6 +131,8 @@ def _masked_layer_mmd(hidden: torch.Tensor, mask: torch.Tensor, noise: torch.Ten
 # --------------------------------------------------------------------------------------------
 
 def _compute_dtype(device: torch.device, weight: torch.Tensor) -> torch.dtype:
+    import torch
+
     try:
         if torch.is_autocast_enabled(device.type):
             return torch.get_autocast_dtype(device.type)
@@ -137,69 +141,77 @@ def _compute_dtype(device: torch.device, weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
-class _LinearCESum(torch.autograd.Function):
-    """sum_i CE(x_i @ W.T + b, label_i), computed chunk by chunk; the gradients w.r.t. x, W and b
-    are computed in the forward chunk loop and stored (N x H, V x H), so no logits are kept."""
+@functools.lru_cache(maxsize=None)
+def _linear_ce_function():
+    """The autograd function of the fused path, defined on first use (it subclasses
+    ``torch.autograd.Function``; importing this module loads no torch)."""
+    import torch
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, labels, rows, cdtype):
-        need_x, need_w = x.requires_grad, weight.requires_grad
-        need_b = bias is not None and bias.requires_grad
-        w = weight.to(cdtype)
-        b = bias.to(cdtype) if bias is not None else None
-        total = torch.zeros((), dtype=torch.float32, device=x.device)
-        gx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_x else None
-        gw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if need_w else None
-        gb = torch.zeros(bias.shape, dtype=torch.float32, device=x.device) if need_b else None
-        rows = min(rows, x.shape[0])
-        buf = torch.empty((rows, weight.shape[0]), dtype=torch.float32, device=x.device)  # reused per chunk
-        for start in range(0, x.shape[0], rows):
-            xc = x[start:start + rows].to(cdtype)
-            lab = labels[start:start + rows]
-            logp = buf[:xc.shape[0]]
-            if cdtype == torch.float32:
-                torch.matmul(xc, w.T, out=logp)
-            else:
-                logp.copy_(xc @ w.T)
-            if b is not None:
-                logp.add_(b)
-            torch.log_softmax(logp, dim=-1, out=logp)  # in place
-            total -= logp.gather(1, lab[:, None]).sum()
-            if need_x or need_w or need_b:
-                grad = logp.exp_()  # softmax, in place
-                grad[torch.arange(lab.shape[0], device=lab.device), lab] -= 1.0
-                if need_b:
-                    gb += grad.sum(0)
-                g = grad if cdtype == torch.float32 else grad.to(cdtype)
-                if need_x:
-                    if gx.dtype == cdtype:
-                        torch.matmul(g, w, out=gx[start:start + rows])
-                    else:
-                        gx[start:start + rows] = (g @ w).to(x.dtype)
-                if need_w:
-                    if cdtype == torch.float32:
-                        gw.addmm_(g.T, xc)
-                    else:
-                        gw.add_((g.T @ xc).float())
-        del buf
-        # intermediates, not inputs or outputs: kept on ctx and scaled in place in backward, so
-        # no second (vocab, hidden) buffer is allocated there
-        ctx.grads = (gx, gw, gb)
-        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
-        return total
+    class _LinearCESum(torch.autograd.Function):
+        """sum_i CE(x_i @ W.T + b, label_i), computed chunk by chunk; the gradients w.r.t. x, W and b
+        are computed in the forward chunk loop and stored (N x H, V x H), so no logits are kept."""
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        if ctx.grads is None:
-            raise RuntimeError("linear_ce_sum: backward ran twice through one fused cross-entropy "
-                               "(retain_graph is not supported)")
-        gx, gw, gb = ctx.grads
-        ctx.grads = None
-        wdtype, bdtype = ctx.dtypes
-        rx = gx.mul_(grad_out.to(gx.dtype)) if gx is not None else None
-        rw = gw.mul_(grad_out).to(wdtype) if gw is not None else None
-        rb = gb.mul_(grad_out).to(bdtype) if gb is not None else None
-        return rx, rw, rb, None, None, None
+        @staticmethod
+        def forward(ctx, x, weight, bias, labels, rows, cdtype):
+            need_x, need_w = x.requires_grad, weight.requires_grad
+            need_b = bias is not None and bias.requires_grad
+            w = weight.to(cdtype)
+            b = bias.to(cdtype) if bias is not None else None
+            total = torch.zeros((), dtype=torch.float32, device=x.device)
+            gx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_x else None
+            gw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if need_w else None
+            gb = torch.zeros(bias.shape, dtype=torch.float32, device=x.device) if need_b else None
+            rows = min(rows, x.shape[0])
+            buf = torch.empty((rows, weight.shape[0]), dtype=torch.float32, device=x.device)  # reused per chunk
+            for start in range(0, x.shape[0], rows):
+                xc = x[start:start + rows].to(cdtype)
+                lab = labels[start:start + rows]
+                logp = buf[:xc.shape[0]]
+                if cdtype == torch.float32:
+                    torch.matmul(xc, w.T, out=logp)
+                else:
+                    logp.copy_(xc @ w.T)
+                if b is not None:
+                    logp.add_(b)
+                torch.log_softmax(logp, dim=-1, out=logp)  # in place
+                total -= logp.gather(1, lab[:, None]).sum()
+                if need_x or need_w or need_b:
+                    grad = logp.exp_()  # softmax, in place
+                    grad[torch.arange(lab.shape[0], device=lab.device), lab] -= 1.0
+                    if need_b:
+                        gb += grad.sum(0)
+                    g = grad if cdtype == torch.float32 else grad.to(cdtype)
+                    if need_x:
+                        if gx.dtype == cdtype:
+                            torch.matmul(g, w, out=gx[start:start + rows])
+                        else:
+                            gx[start:start + rows] = (g @ w).to(x.dtype)
+                    if need_w:
+                        if cdtype == torch.float32:
+                            gw.addmm_(g.T, xc)
+                        else:
+                            gw.add_((g.T @ xc).float())
+            del buf
+            # intermediates, not inputs or outputs: kept on ctx and scaled in place in backward, so
+            # no second (vocab, hidden) buffer is allocated there
+            ctx.grads = (gx, gw, gb)
+            ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+            return total
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            if ctx.grads is None:
+                raise RuntimeError("linear_ce_sum: backward ran twice through one fused cross-entropy "
+                                   "(retain_graph is not supported)")
+            gx, gw, gb = ctx.grads
+            ctx.grads = None
+            wdtype, bdtype = ctx.dtypes
+            rx = gx.mul_(grad_out.to(gx.dtype)) if gx is not None else None
+            rw = gw.mul_(grad_out).to(wdtype) if gw is not None else None
+            rb = gb.mul_(grad_out).to(bdtype) if gb is not None else None
+            return rx, rw, rb, None, None, None
+
+    return _LinearCESum
 
 
 def _chunk_rows(vocab: int, chunk_elements: int) -> int:
@@ -214,13 +226,17 @@ def linear_ce_sum(x: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, 
     computed chunk by chunk under activation checkpointing (same value, logits recomputed in
     backward instead of stored).
     """
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.checkpoint import checkpoint
+
     if x.shape[0] == 0:  # nothing counts: 0 (the caller's 0 / 0 gives the reference's NaN)
         return (x.sum() * 0.0).float()
     vocab = _vocab_size(head, probe=x)
     rows = _chunk_rows(vocab, chunk_elements or CHUNK_ELEMENTS)
     if isinstance(head, torch.nn.Linear) and transform is None:
         cd = _compute_dtype(x.device, head.weight)
-        return _LinearCESum.apply(x, head.weight, head.bias, labels, rows, cd)
+        return _linear_ce_function().apply(x, head.weight, head.bias, labels, rows, cd)
 
     def piece(xc, lab):
         logits = head(xc)
@@ -235,6 +251,10 @@ def linear_ce_sum(x: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, 
 
 
 def _vocab_size(head: torch.nn.Module, probe: Optional[torch.Tensor] = None) -> int:
+    import torch
+
+    from harness.lib.layers import UnsupportedArchitecture
+
     weight = getattr(head, "weight", None)
     if weight is not None and weight.dim() == 2:
         return int(weight.shape[0])
@@ -249,6 +269,10 @@ def _vocab_size(head: torch.nn.Module, probe: Optional[torch.Tensor] = None) -> 
 
 def _final_logit_transform(model):
     """Post-processing some models apply to the final logits (not to a logit lens)."""
+    import torch
+
+    from harness.lib.layers import _base
+
     m = _base(model)
     cap = getattr(getattr(m, "config", None), "final_logit_softcapping", None)
     scale = getattr(m, "logit_scale", None)
@@ -287,6 +311,8 @@ class _CESpec:
 def _ce_spec(ids: torch.Tensor, keep: torch.Tensor, live: torch.Tensor) -> _CESpec:
     """``keep``/``live`` are (B, S-1) over shifted positions: label ``ids[:, j+1]`` counts when
     keep[j]; its logits (at input position j) are used when live[j], otherwise zeroed."""
+    import torch
+
     b, s = ids.shape
     used = keep & live
     pos = torch.zeros((b, s), dtype=torch.bool, device=ids.device)
@@ -305,6 +331,8 @@ class _Masks:
 
 
 def _prompt_lengths(batch: dict, which: str) -> torch.Tensor:
+    import torch
+
     lengths = batch.get("prompt_lengths")
     if lengths is None:
         raise ValueError(f"repnoise variant 'corrected' needs 'prompt_lengths' in the {which} batch (tokens of the "
@@ -313,6 +341,8 @@ def _prompt_lengths(batch: dict, which: str) -> torch.Tensor:
 
 
 def _masks(harmful: dict, harmless: dict, variant: str) -> _Masks:
+    import torch
+
     h_ids, s_ids = harmful["input_ids"], harmless["input_ids"]
     if variant == "reference":
         if h_ids.shape != s_ids.shape:
@@ -345,6 +375,8 @@ class MLPCapture:
     """Forward hooks on every decoder layer's MLP; they record outputs only while ``active``."""
 
     def __init__(self, model):
+        from harness.lib.layers import mlp_modules
+
         self.modules = mlp_modules(model)
         self.outputs: list[Optional[torch.Tensor]] = [None] * len(self.modules)
         self.active = False
@@ -380,6 +412,8 @@ class MLPCapture:
             self.active = False
 
     def take(self) -> list[torch.Tensor]:
+        from harness.lib.layers import UnsupportedArchitecture
+
         outs = self.outputs
         self.clear()
         if any(o is None for o in outs):
@@ -400,6 +434,8 @@ def capture_mlp_outputs(model) -> MLPCapture:
 
 
 def _body(model):
+    from harness.lib.layers import UnsupportedArchitecture, _arch, _base
+
     m = _base(model)
     body = getattr(m, "base_model", None)
     if body is None or body is m:
@@ -418,6 +454,11 @@ def _recomputed_layers(model, enabled: bool = True):
     """Per-decoder-layer activation checkpointing while the block runs: each layer keeps only its
     input and recomputes its activations in backward. Off when gradients are off or the model
     already checkpoints its layers (Hugging Face ``gradient_checkpointing_enable``)."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    from harness.lib.layers import decoder_layers
+
     layers = list(decoder_layers(model)) if enabled and torch.is_grad_enabled() else []
     if any(getattr(layer, "gradient_checkpointing", False) for layer in layers):
         layers = []
@@ -435,6 +476,8 @@ def _recomputed_layers(model, enabled: bool = True):
 
 
 def _retain_term(model, harmless: dict, spec: _CESpec, recompute: bool = False) -> torch.Tensor:
+    from harness.lib.layers import lm_head
+
     head = lm_head(model)
     with _recomputed_layers(model, recompute):
         out = _forward_body(model, harmless, hidden_states=False)
@@ -446,6 +489,11 @@ def _retain_term(model, harmless: dict, spec: _CESpec, recompute: bool = False) 
 
 def _harmful_terms(model, batch: dict, masks: _Masks, hooks: MLPCapture,
                    generator: Optional[torch.Generator], need_noise: bool = True):
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    from harness.lib.layers import UnsupportedArchitecture, _arch, final_norm, lm_head
+
     head, norm = lm_head(model), final_norm(model)
     spec = masks.harmful
     with hooks.recording():
@@ -483,6 +531,8 @@ def _harmful_terms(model, batch: dict, masks: _Masks, hooks: MLPCapture,
 
 
 def _randn(like: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    import torch
+
     if generator is None:
         return torch.randn(like.shape, dtype=like.dtype, device=like.device)
     return torch.randn(like.shape, dtype=like.dtype, device=generator.device, generator=generator).to(like.device)
@@ -499,6 +549,8 @@ class RepNoiseLoss:
 
 
 def _prepare(model, harmful, harmless, variant):
+    import torch
+
     if variant not in VARIANTS:
         raise ValueError(f"repnoise: unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     device = model_device(model)
@@ -518,6 +570,8 @@ def repnoise_loss(model, harmful: dict, harmless: dict, *, alpha: float = PAPER_
     ``capture_mlp_outputs(model)`` to reuse across calls; without it the hooks are registered
     for this call and removed.
     """
+    import torch
+
     harmful, harmless, masks = _prepare(model, harmful, harmless, variant)
     with (contextlib.nullcontext(hooks) if hooks is not None else capture_mlp_outputs(model)) as h:
         harm, noise = _harmful_terms(model, harmful, masks, h, generator)
@@ -538,6 +592,8 @@ def repnoise_backward(model, harmful: dict, harmless: dict, *, alpha: float = PA
     one more body forward of the harmless batch, small next to the logit lens; without it the
     step needs about one activation set more memory than plain fine-tuning). Returns the loss
     and its parts as floats; a non-finite part is not back-propagated (the caller raises)."""
+    import torch
+
     harmful, harmless, masks = _prepare(model, harmful, harmless, variant)
     amp = amp or contextlib.nullcontext
     with (contextlib.nullcontext(hooks) if hooks is not None else capture_mlp_outputs(model)) as h:
@@ -558,6 +614,8 @@ def repnoise_backward(model, harmful: dict, harmless: dict, *, alpha: float = PA
 def difference_ce(model, harmful: dict, harmless: dict, variant: Variant = DEFAULT_VARIANT):
     """``(harmful CE, harmless CE)`` of the final logits with RepNoise's masks (the adversarial
     loss baseline's two terms)."""
+    from harness.lib.layers import lm_head
+
     harmful, harmless, masks = _prepare(model, harmful, harmless, variant)
     head = lm_head(model)
     spec = masks.harmful
@@ -592,6 +650,10 @@ class RepNoise(Defence):
         variant: Variant = DEFAULT_VARIANT
 
     def apply(self, model, tokenizer, data, ctx):
+        import torch
+
+        from harness.lib.training import autocast
+
         cfg = self.config
         data = require(data, ("response", "refusal"), "repnoise")
         device = model_device(model)

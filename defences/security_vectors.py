@@ -27,18 +27,24 @@ from typing import Any, Optional
 
 from pydantic import Field
 
-from defences._common import SFTDefenceConfig, lm_loss, make_sft_batches, model_device, require, training_order
+from defences._common import (SFTDefenceConfig, lm_loss, make_sft_batches, model_device, require, train_loop,
+                              training_order)
 from harness.api.components import Defence
 from harness.api.errors import ConfigError
 from harness.api.registry import DEFENCES
 from harness.lib.checkpoints import MARKER
-from harness.lib.layers import UnsupportedArchitecture, _arch
-from harness.lib.models import load_checkpoint
 from harness.lib.store import atomic_write_json
-from harness.lib.training import train_loop
 
 ADAPTER_DIR = "security_vector"
 ADAPTER_NAME = "default"
+
+
+def load_checkpoint(model_spec, folder, device, dtype):
+    """``harness.lib.models.load_checkpoint``, imported when a defended model is loaded (torch,
+    transformers): importing this module to validate the Config needs neither."""
+    from harness.lib.models import load_checkpoint as load
+
+    return load(model_spec, folder, device, dtype)
 
 
 def adapter_parameters(model) -> list:
@@ -95,6 +101,8 @@ class SecurityVectors(Defence):
         target_modules: Optional[list[str]] = None  # None: peft's default for the architecture
 
     def _wrap(self, model):
+        from harness.lib.layers import UnsupportedArchitecture, _arch
+
         from peft import LoraConfig, PeftModel, get_peft_model
 
         if isinstance(model, PeftModel) or _lora_layers(model):

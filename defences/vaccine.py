@@ -26,16 +26,17 @@ preset's settings are listed in docs/fidelity.md.
 from __future__ import annotations
 
 import math
-from typing import Literal, Optional
+from typing import TYPE_CHECKING, Literal, Optional
 
-import torch
 from pydantic import Field
 
-from defences._common import SFTDefenceConfig, lm_loss, make_sft_batches, model_device, require, training_order
+from defences._common import (SFTDefenceConfig, lm_loss, make_sft_batches, model_device, require, train_loop,
+                              training_order)
 from harness.api.components import Defence
 from harness.api.registry import DEFENCES
-from harness.lib.layers import UnsupportedArchitecture, _arch, decoder_layers
-from harness.lib.training import autocast, train_loop
+
+if TYPE_CHECKING:  # imported where the perturbation runs: the Config validates without torch
+    import torch
 
 Perturb = Literal["attention", "layer"]
 ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
@@ -44,6 +45,10 @@ ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
 def perturbed_modules(model, perturb: Perturb) -> list[torch.nn.Module]:
     """The modules whose outputs Vaccine perturbs: each decoder layer's attention module
     (``self_attn`` in Llama, Qwen2, Mistral; ``attn`` in GPT-2), or each whole decoder layer."""
+    import torch
+
+    from harness.lib.layers import UnsupportedArchitecture, _arch, decoder_layers
+
     layers = list(decoder_layers(model))
     if perturb == "layer":
         return layers
@@ -97,6 +102,8 @@ LayerOutputHooks = OutputHooks  # the earlier name
 
 def perturbations(grads: list[Optional[torch.Tensor]], rho: float) -> list[Optional[torch.Tensor]]:
     """rho * g_l / ||(g_1..g_L)||, one norm over all layers (as the Vaccine code does)."""
+    import torch
+
     norms = [g.float().norm(p=2) for g in grads if g is not None]
     if not norms:
         return [None] * len(grads)
@@ -118,6 +125,10 @@ class Vaccine(Defence):
         keep_clean_grad: bool = False
 
     def apply(self, model, tokenizer, data, ctx):
+        import torch
+
+        from harness.lib.training import autocast
+
         cfg = self.config
         data = require(data, (cfg.train_on,), "vaccine")
         batches = make_sft_batches(tokenizer, training_order(data, cfg, ctx), cfg.train_on, cfg.batch_size,

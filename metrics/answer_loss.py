@@ -33,9 +33,8 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-import torch
 from pydantic import Field
 
 from harness.api.components import ComponentConfig, Evaluation, Example
@@ -43,12 +42,17 @@ from harness.api.errors import DataError
 from harness.api.registry import METRICS
 from harness.lib.text import PROMPT_TEMPLATE, RESPONSE_SEPARATOR, batches, sft_batch
 
+if TYPE_CHECKING:  # torch is imported where tensors are made: the Config validates without it
+    import torch
+
 KINDS = {"harmful": "response", "harmless": "refusal"}
 
 
 def answer_losses(model, tokenizer, prompts: list[str], answers: list[str], *, template: str, separator: str,
                   max_length: int, batch_size: int, autocast=nullcontext) -> tuple[list[float], list[int]]:
     """Per example: the summed cross-entropy (nats) of the answer tokens + EOS, and their count."""
+    import torch
+
     device = next(model.parameters()).device
     sums: list[float] = []
     counts: list[int] = []
@@ -98,6 +102,8 @@ class AnswerLoss(Evaluation):
                         "(the pipeline passes them)")
 
     def evaluate_on(self, model, tokenizer, examples: list[Example], ctx) -> dict[str, Any]:
+        import torch
+
         cfg = self.config
         template, separator = self._format(ctx)
         use_autocast = bool(ctx is not None and getattr(ctx, "use_autocast", False))

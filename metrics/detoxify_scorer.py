@@ -30,15 +30,17 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal, Optional
 
-import torch
 from pydantic import Field
 
 from harness.api.components import ComponentConfig, TextScorer
 from harness.api.errors import ConfigError, ModelUnavailableError
 from harness.api.registry import METRICS
 from metrics.harm_classifier import host_reachable, hub_endpoint, hub_offline, resolve_device
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: the Config validates without it
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,8 @@ def _checkpoint_url(variant: str) -> str:
 
 
 def _cached_checkpoint(url: str) -> Path:
+    import torch
+
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
 
 
@@ -89,6 +93,8 @@ class DetoxifyScorer(TextScorer):
         self._load()
 
     def _read_checkpoint(self) -> tuple[dict, str]:
+        import torch
+
         cfg = self.config
         if cfg.checkpoint:
             path = Path(cfg.checkpoint).expanduser()
@@ -173,18 +179,20 @@ class DetoxifyScorer(TextScorer):
             return list(generations)
         return [p + g for p, g in zip(prompts, generations)]
 
-    @torch.no_grad()
     def predict(self, texts: list[str]) -> list[dict[str, float]]:
         """All Detoxify classes for each text (batched)."""
-        self._load()
-        out: list[dict[str, float]] = []
-        for start in range(0, len(texts), self.config.batch_size):
-            chunk = texts[start : start + self.config.batch_size]
-            enc = self._tokenizer(chunk, return_tensors="pt", truncation=True, padding=True,
-                                  max_length=self.config.max_length).to(self._device)
-            probs = torch.sigmoid(self._model(**enc)[0].float()).cpu()
-            out.extend({c: float(row[i]) for i, c in enumerate(self._classes)} for row in probs)
-        return out
+        import torch
+
+        with torch.no_grad():
+            self._load()
+            out: list[dict[str, float]] = []
+            for start in range(0, len(texts), self.config.batch_size):
+                chunk = texts[start : start + self.config.batch_size]
+                enc = self._tokenizer(chunk, return_tensors="pt", truncation=True, padding=True,
+                                      max_length=self.config.max_length).to(self._device)
+                probs = torch.sigmoid(self._model(**enc)[0].float()).cpu()
+                out.extend({c: float(row[i]) for i, c in enumerate(self._classes)} for row in probs)
+            return out
 
     def score(self, prompts: list[str], generations: list[str]) -> list[float]:
         if len(prompts) != len(generations):

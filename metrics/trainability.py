@@ -33,9 +33,8 @@ import logging
 import random
 import statistics
 from contextlib import nullcontext
-from typing import Any, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal, Optional
 
-import torch
 from pydantic import Field
 
 from harness.api.components import Evaluation, Example, TrainConfig
@@ -43,7 +42,9 @@ from harness.lib.datasets.data2text import DATA2TEXT, group_by_input
 from harness.api.errors import DataError, EvaluationSkipped
 from harness.api.registry import METRICS
 from harness.lib.network import hub_reachable
-from harness.lib.training import train_loop
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: the Config validates without it
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 def d2t_batch(tokenizer, prompts: list[str], responses: list[str], max_length: int, *,
               loss_on: Literal["response", "all"]) -> dict[str, torch.Tensor]:
     """Right-padded causal-LM batch of ``prompt + " " + response + eos`` (labels: response + eos)."""
+    import torch
+
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     if pad is None:
         pad = eos
@@ -90,25 +93,27 @@ def rouge(predictions: list[str], references: list[list[str]]) -> dict[str, floa
     return {k: (statistics.fmean(v) if v else 0.0) for k, v in per.items()}
 
 
-@torch.no_grad()
 def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
                     device: torch.device, autocast_ctx=nullcontext) -> list[str]:
     """Left-padded greedy decoding; returns the decoded new tokens of each prompt."""
-    tok = copy.deepcopy(tokenizer)  # a shallow copy shares the special-token map with the caller's
-    tok.padding_side = "left"
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    out: list[str] = []
-    model.eval()
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=True).to(device)
-        with autocast_ctx():
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        new = gen[:, enc["input_ids"].shape[1]:]
-        out.extend(tok.batch_decode(new, skip_special_tokens=True))
-    return out
+    import torch
+
+    with torch.no_grad():
+        tok = copy.deepcopy(tokenizer)  # a shallow copy shares the special-token map with the caller's
+        tok.padding_side = "left"
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        out: list[str] = []
+        model.eval()
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=True).to(device)
+            with autocast_ctx():
+                gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            new = gen[:, enc["input_ids"].shape[1]:]
+            out.extend(tok.batch_decode(new, skip_special_tokens=True))
+        return out
 
 
 @METRICS.register("trainability")
@@ -181,6 +186,8 @@ class Trainability(Evaluation):
         return template.format(input=x)
 
     def _score(self, model, tokenizer, evals, ctx) -> tuple[dict[str, float], list[str]]:
+        import torch
+
         cfg = self.config
         device = next(model.parameters()).device
         autocast = (lambda: torch.autocast(device_type=device.type, dtype=ctx.dtype)) if ctx.use_autocast else nullcontext
@@ -193,6 +200,10 @@ class Trainability(Evaluation):
         return rouge(preds, [refs for _, refs in evals]), preds
 
     def evaluate(self, model, tokenizer, ctx) -> dict[str, Any]:
+        import torch
+
+        from harness.lib.training import train_loop
+
         cfg = self.config
         train, evals, info = self.load_data(ctx.seed)
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []

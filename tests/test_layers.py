@@ -62,7 +62,11 @@ FUNCTION_LEVEL_ALLOWED: list[tuple[str, str, str]] = [
                                                       "its own timing and log, so the import is charged to the task"),
     ("leaderboards.plots", "harness.lib.analysis", "torch, for the weight-distance plot only; the leaderboard's "
                                                    "tables and other plots build without it"),
-]
+] + [(component, lib, "a component module imports the lib modules that load torch (training loop, layer finders, "
+                      "checkpoint loader) in the functions that run, so validating its Config, and refusing bad "
+                      "input, needs no torch (tests/test_cli_latency.py)")
+     for component in ("defences", "attacks", "metrics")
+     for lib in ("harness.lib.training", "harness.lib.layers", "harness.lib.models")]
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,10 @@ evaluation), never a second one when the text already starts with it (a chat tem
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional, Sequence
+from typing import TYPE_CHECKING, Literal, Optional, Sequence
 
-import torch
+if TYPE_CHECKING:  # torch is imported where tensors are built, so the constants import without it
+    import torch
 
 PROMPT_TEMPLATE = "Question: {prompt}\nAnswer:"
 RESPONSE_SEPARATOR = "\n"
@@ -110,6 +111,8 @@ def sft_batch(
     ``max_length`` (not to the batch's longest row) and the labels are the padded input ids, so
     the mean cross-entropy runs over ``max_length - 1`` positions per row, padding included.
     """
+    import torch
+
     ensure_pad_token(tokenizer)
     eos = tokenizer.eos_token_id
     if loss_on == "all":
@@ -155,6 +158,8 @@ def paired_batch(tokenizer, prompts: Sequence[str], harmful: Sequence[str], harm
     right-padded with pad = eos to one common length (the longest row; the authors pad to
     ``max_length``, which changes no term of the RepNoise or adversarial loss: padded positions
     are equal in both texts, so the difference mask is 0 there)."""
+    import torch
+
     ensure_pad_token(tokenizer)
     texts = [format_qa(p, r, template, separator) for p, r in zip(prompts, harmful)]
     texts += [format_qa(p, r, template, separator) for p, r in zip(prompts, harmless)]
